@@ -1,0 +1,102 @@
+"""PayloadValidation: every actor's arguments checked against its pydantic schema, at send() and before running."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from dramatiq import Broker, Message, Middleware
+from dramatiq.broker import MessageProxy
+from dramatiq.logging import get_logger
+from dramatiq.middleware import SkipMessage
+from pydantic import BaseModel, ValidationError
+
+from whiskypay.schemas import InvalidPayload, describe, validate_args
+
+
+def _utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class PayloadValidation(Middleware):
+    """Refuse bad arguments at `send()` (raise `InvalidPayload`, nothing enqueued) and dead-letter bad messages.
+
+    At enqueue it also fills an omitted `timestamp` with the send time (UTC, ISO-8601) and bounds the size of
+    the encoded message. In the worker, a message that fails its schema is failed without running and its
+    reason is stored in its `traceback` option for the dead-letter queue.
+
+    Parameters:
+      schemas: Actor name to pydantic model of its arguments; other actors pass unchecked.
+      https_only: Refuse http:// callback URLs.
+      max_message_bytes: The largest encoded message accepted at enqueue, in bytes.
+      now_iso: The clock for default timestamps.
+    """
+
+    def __init__(
+        self,
+        *,
+        schemas: Mapping[str, type[BaseModel]],
+        https_only: bool,
+        max_message_bytes: int,
+        now_iso: Callable[[], str] = _utc_now_iso,
+    ) -> None:
+        self.logger = get_logger(__name__, type(self))
+        self.schemas = dict(schemas)
+        self.https_only = https_only
+        self.max_message_bytes = max_message_bytes
+        self.now_iso = now_iso
+        self._parameters: dict[str, list[str]] = {}
+
+    def _arguments(self, broker: Broker, message: Message[Any] | MessageProxy) -> dict[str, Any]:
+        names = self._parameters.get(message.actor_name)
+        if names is None:
+            fn = broker.get_actor(message.actor_name).fn
+            names = self._parameters[message.actor_name] = list(inspect.signature(fn).parameters)
+        if len(message.args) > len(names):
+            raise ValueError(f"arguments: {len(message.args)} positional values for {len(names)} parameters")
+        arguments = dict(zip(names, message.args, strict=False))
+        for name, value in message.kwargs.items():
+            if name in arguments:
+                raise ValueError(f"{name}: given both by position and by keyword")
+            arguments[name] = value
+        return arguments
+
+    def _problem(self, broker: Broker, message: Message[Any] | MessageProxy) -> str | None:
+        schema = self.schemas.get(message.actor_name)
+        if schema is None:
+            return None
+        try:
+            validate_args(schema, self._arguments(broker, message), https_only=self.https_only)
+        except ValidationError as exc:
+            return describe(exc)
+        except (ValueError, TypeError) as exc:
+            return str(exc)
+        return None
+
+    def before_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
+        if message.actor_name not in self.schemas or "retries" in message.options:
+            return  # a retry or a delayed message coming due was checked at its first send
+        problem = self._problem(broker, message)
+        if problem:
+            raise InvalidPayload(f"{message.actor_name}: {problem}. Nothing was enqueued; fix the caller.")
+        if "timestamp" in self.schemas[message.actor_name].model_fields:
+            names = self._parameters[message.actor_name]
+            if names.index("timestamp") >= len(message.args) and message.kwargs.get("timestamp") is None:
+                message.kwargs["timestamp"] = self.now_iso()
+        size = len(message.encode())
+        if size > self.max_message_bytes:
+            raise InvalidPayload(
+                f"{message.actor_name}: the message is {size} bytes, over the {self.max_message_bytes}-byte limit "
+                "(WHISKYPAY_MAX_MESSAGE_BYTES). Nothing was enqueued."
+            )
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        problem = self._problem(broker, message)
+        if problem:
+            self.logger.warning("Dead-lettering invalid message %s: %s", message.message_id, problem)
+            message.options["traceback"] = f"InvalidMessage: {problem}"
+            message.options["failure_class"] = "InvalidMessage"
+            message.fail()
+            raise SkipMessage(problem)

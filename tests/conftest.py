@@ -1,0 +1,217 @@
+"""Shared pytest fixtures: a test Redis, webhook receiver, SMTP sink and real dramatiq worker processes.
+
+Ordering rule: ``actors`` builds its broker from the environment at import time, so the test Redis URL and the
+test-friendly WHISKYPAY_* defaults are put into ``os.environ`` right here, at conftest import, before any test module
+can import ``actors``. This file never imports ``actors`` itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # make `whiskypay` importable under plain `pytest`
+
+from whiskypay.devstack import HttpReceiver, RedisServer, SmtpSink, WorkerProcess, redis_answers
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TEST_REDIS_DB = 15
+
+
+def _with_db(url: str, db: int) -> str:
+    """Return ``url`` pointing at database ``db``.
+
+    Parameters:
+        url: redis:// URL.
+        db: database number.
+    """
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
+
+
+_private_redis: RedisServer | None = None
+
+
+def _stop_private_redis() -> None:
+    global _private_redis
+    server, _private_redis = _private_redis, None
+    if server is not None:
+        server.stop()
+
+
+def _choose_test_redis() -> str:
+    """Use WHISKYPAY_REDIS_URL (on DB 15) if it answers, else start a private redis-server."""
+    global _private_redis
+    given = os.environ.get("WHISKYPAY_REDIS_URL")
+    if given and redis_answers(given):
+        return _with_db(given, TEST_REDIS_DB)
+    _private_redis = RedisServer().start()
+    atexit.register(_stop_private_redis)
+    return _private_redis.url
+
+
+os.environ["WHISKYPAY_REDIS_URL"] = _choose_test_redis()
+
+_TEST_DEFAULTS = {
+    "WHISKYPAY_ALLOW_PRIVATE_CALLBACKS": "true",
+    "WHISKYPAY_CALLBACK_HTTPS_ONLY": "false",
+    "WHISKYPAY_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    "WHISKYPAY_MAIL_FROM": "payments@whiskypay.test",
+    "WHISKYPAY_CALLBACK_BACKOFF_MS": "100",
+    "WHISKYPAY_EMAIL_BACKOFF_MS": "100",
+    "WHISKYPAY_CALLBACK_ATTEMPTS": "5",
+    "WHISKYPAY_EMAIL_ATTEMPTS": "3",
+    "WHISKYPAY_WEBHOOK_CONNECT_TIMEOUT_S": "2",
+    "WHISKYPAY_WEBHOOK_READ_TIMEOUT_S": "2",
+    "WHISKYPAY_SMTP_TIMEOUT_S": "5",
+    "WHISKYPAY_DRAMATIQ_WORKER_TIMEOUT_MS": "100",
+}
+for _key, _value in _TEST_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# hooks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the suite's markers."""
+    config.addinivalue_line("markers", "e2e: runs real dramatiq worker processes against real local servers")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop the private Redis (if one was started)."""
+    _stop_private_redis()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep each phase's report on the item (``item.rep_setup`` / ``rep_call`` / ``rep_teardown``)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def _failed_report(request: pytest.FixtureRequest) -> pytest.TestReport | None:
+    """Return the failed setup/call report of the requesting test, if any."""
+    for when in ("call", "setup"):
+        report: pytest.TestReport | None = getattr(request.node, f"rep_{when}", None)
+        if report is not None and report.failed:
+            return report
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of the test Redis database (flushed around every test that uses ``redis_client``)."""
+    return os.environ["WHISKYPAY_REDIS_URL"]
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on the test database, flushed before and after the test."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[HttpReceiver]:
+    """A started webhook receiver."""
+    with HttpReceiver() as rcv:
+        yield rcv
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    """A started SMTP sink."""
+    with SmtpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def worker_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for worker subprocesses: os.environ plus PYTHONPATH=repo root (SMTP host/port are up to tests)."""
+    env = dict(os.environ)
+    extra = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + extra if extra else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TMPDIR", str(tmp_path))
+    return env
+
+
+StartWorkers = Callable[..., WorkerProcess]
+
+
+@pytest.fixture
+def start_workers(request: pytest.FixtureRequest, worker_env: dict[str, str], tmp_path: Path) -> Iterator[StartWorkers]:
+    """Factory ``start_workers(*args, env=None, processes=1, threads=2, module="actors")`` -> ready WorkerProcess.
+
+    Every started worker is stopped at teardown; if the test failed, their logs are printed.
+    """
+    started: list[WorkerProcess] = []
+
+    def _start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        processes: int = 1,
+        threads: int = 2,
+        module: str = "actors",
+        wait_ready: bool = True,
+        timeout_s: float = 30,
+    ) -> WorkerProcess:
+        worker = WorkerProcess(
+            *args,
+            env=env if env is not None else worker_env,
+            cwd=str(REPO_ROOT),
+            processes=processes,
+            threads=threads,
+            log_path=str(tmp_path / f"worker-{len(started)}.log"),
+            module=module,
+        )
+        started.append(worker)
+        worker.start(wait_ready=wait_ready, timeout_s=timeout_s)
+        return worker
+
+    yield _start
+
+    for worker in started:
+        worker.stop()
+    failed = _failed_report(request)
+    if failed is not None:
+        for index, worker in enumerate(started):
+            title = f"dramatiq worker #{index} log ({' '.join(worker.command[2:])}, rc={worker.returncode})"
+            failed.sections.append((title, worker.log()))  # shown in the FAILURES section, next to the assertion
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A fresh appendonly redis-server of the test's own, for tests that restart or kill Redis."""
+    server = RedisServer(appendonly=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
