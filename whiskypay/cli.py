@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
-from whiskypay import devcmd
+#: Modules that add subcommands, each with a `register(commands)` function; imported lazily so that one
+#: command's dependencies (the dashboard's, say) never break the others.
+COMMAND_MODULES = ("whiskypay.devcmd", "whiskypay.ops", "whiskypay.dashboard", "whiskypay.scheduler")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="whiskypay", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    devcmd.register(commands)
-    try:
-        from whiskypay import ops
-    except ImportError:  # pragma: no cover  operations commands not installed
-        pass
-    else:
-        ops.register(commands)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(commands)
     return parser
 
 
