@@ -23,7 +23,7 @@ ENV_PREFIX = "WHISKYPAY_"
 #: Backoffs, schedules and Retry-After waits above it are rejected at start or clamped.
 MAX_DELAY_MS = 7 * 24 * 60 * 60 * 1000
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,6})?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     dead_letter_ttl_ms: int = Field(default=MAX_DELAY_MS, gt=0)
     #: Redis connect/read timeout for the gateway and workers, in seconds: send() fails within it.
     redis_timeout_s: float = Field(default=5.0, gt=0)
+    #: A worker silent this long is dead and its unacked messages go back to their queue, in milliseconds.
+    heartbeat_timeout_ms: int = Field(default=60_000, ge=5_000)
+    #: Look for dead workers on each queue at least this often, in milliseconds. A SIGKILLed worker's
+    #: messages are redelivered within heartbeat_timeout_ms + maintenance_interval_ms + about 1 s.
+    maintenance_interval_ms: int = Field(default=10_000, ge=100)
 
     # Webhooks.
     webhook_secret: SecretStr | None = None
@@ -93,6 +98,10 @@ class Settings(BaseSettings):
     webhook_read_timeout_s: float = Field(default=15.0, gt=0)
     #: The most of a merchant's response body we read, in bytes; the rest is discarded unread.
     webhook_max_response_bytes: int = Field(default=64 * 1024, ge=0)
+    #: At most this many slow deliveries to one host at a time per worker process; more wait their turn.
+    webhook_host_concurrency: int = Field(default=2, ge=1)
+    #: A delivery still running after this many seconds counts as slow (see webhook_host_concurrency).
+    webhook_slow_after_s: float = Field(default=1.0, gt=0)
     #: A second send() with the same event_id within this window enqueues nothing, in seconds.
     idempotency_window_s: int = Field(default=24 * 3600, gt=0)
 
@@ -123,6 +132,22 @@ class Settings(BaseSettings):
     email_schedule: str = ""
     #: The longest wait a merchant's Retry-After header can ask for, in milliseconds (default 1 hour).
     retry_after_max_ms: int = Field(default=3_600_000, ge=0, le=MAX_DELAY_MS)
+
+    # Dashboard.
+    dashboard_username: str | None = None
+    dashboard_password: SecretStr | None = None
+
+    # Scheduler.
+    #: check_queue_health opens a "stale" incident when a queue's next message has waited longer, in seconds.
+    health_max_wait_s: int = Field(default=300, gt=0)
+    #: How long one minute's health-check lock is held, in seconds (makes a second scheduler's run a no-op).
+    health_lock_s: int = Field(default=50, gt=0)
+
+    # Metrics.
+    #: Serve Prometheus metrics from every `dramatiq actors` master (Dramatiq's plus whiskypay_deliveries_*).
+    metrics_enabled: bool = False
+    #: The port of that /metrics endpoint.
+    metrics_port: int = Field(default=9191, gt=0, lt=65536)
 
     # Validation.
     #: The largest encoded message accepted at send(), in bytes.

@@ -13,5 +13,6 @@ dramatiq.set_broker(broker)
 
 from actors.callbacks import send_callback  # noqa: E402  declared only after set_broker
 from actors.email import send_email  # noqa: E402
+from actors.health import check_queue_health  # noqa: E402
 
-__all__ = ["broker", "send_callback", "send_email"]
+__all__ = ["broker", "check_queue_health", "send_callback", "send_email"]

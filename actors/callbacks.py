@@ -12,7 +12,7 @@ from middleware.http_client import HttpClients
 from middleware.signing import WebhookSigning
 from whiskypay.actor import WhiskyPayActor
 from whiskypay.broker import middleware_of
-from whiskypay.errors import PermanentError
+from whiskypay.errors import Deferred, PermanentError
 from whiskypay.queues import Queue
 from whiskypay.redaction import scrub_text
 
@@ -29,6 +29,7 @@ def webhook_body(*, email: str, plan: str, price: int | float, timestamp: str | 
     actor_class=WhiskyPayActor, actor_name="send_callback", queue_name=Queue.CALLBACKS, throws=(PermanentError,)
 )
 def send_callback(
+    *,
     callback_url: str,
     email: str,
     plan: str,
@@ -47,6 +48,8 @@ def send_callback(
     host = urlsplit(callback_url).hostname
     try:
         result = middleware_of(broker, HttpClients).post(callback_url, body, headers)
+    except Deferred:
+        raise
     except Exception as exc:
         status = getattr(exc, "tags", {}).get("http_status", "-")
         logger.warning(

@@ -23,6 +23,7 @@ SENT_MARKER_TTL_S = 8 * 24 * 3600
 
 @dramatiq.actor(actor_class=WhiskyPayActor, actor_name="send_email", queue_name=Queue.EMAIL, throws=(PermanentError,))
 def send_email(
+    *,
     buyer_email: str,
     merchant_email: str,
     plan: str,

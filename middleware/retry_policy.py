@@ -21,14 +21,12 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.logging import get_logger
 
-from whiskypay.errors import HttpStatusError
-from whiskypay.redaction import describe_message, scrub_text
+from whiskypay.errors import Deferred, HttpStatusError
+from whiskypay.redaction import describe_message, error_summary
 from whiskypay.retrying import RetryPolicy
 
-
-def error_summary(exception: BaseException) -> str:
-    """Return "ErrorClass: text" with addresses masked and URLs cut to their host: safe to store and show."""
-    return f"{type(exception).__name__}: {scrub_text(str(exception))}"[:1000]
+#: The policy of a queue that has none of its own (the email queue's defaults).
+DEFAULT_POLICY = RetryPolicy(attempts=3, backoff_ms=10_000)
 
 
 class QueueRetryPolicy(Middleware):
@@ -45,7 +43,7 @@ class QueueRetryPolicy(Middleware):
         self,
         *,
         policies: Mapping[str, RetryPolicy],
-        default: RetryPolicy = RetryPolicy(attempts=3, backoff_ms=10_000),
+        default: RetryPolicy = DEFAULT_POLICY,
         retry_after_max_ms: int = 3_600_000,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -81,6 +79,10 @@ class QueueRetryPolicy(Middleware):
         self, broker: Broker, message: MessageProxy, *, result: object = None, exception: BaseException | None = None
     ) -> None:
         if exception is None:
+            return
+        if isinstance(exception, Deferred):
+            self.logger.debug("Deferring %s by %d ms: %s", describe_message(message), exception.delay, exception)
+            broker.enqueue(message, delay=exception.delay)
             return
         actor = broker.get_actor(message.actor_name)
         message.options["traceback"] = error_summary(exception)

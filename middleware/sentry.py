@@ -11,6 +11,7 @@ from dramatiq import Broker, Middleware, Worker
 from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.logging import get_logger
+from dramatiq.middleware import SkipMessage
 from sentry_sdk.integrations.logging import LoggingIntegration
 
 from whiskypay.errors import WhiskyPayError
@@ -34,7 +35,8 @@ class SentryReporting(Middleware):
     sentry-sdk starts in `before_worker_boot` with no default integrations: its Dramatiq integration would
     report every attempt with the message's arguments, and its logging integration every error log line.
     Every event passes `scrub` (addresses masked, URLs cut to their host, secrets replaced) before it leaves.
-    Listed before QueueRetryPolicy, so this after-hook runs once that has decided `message.failed`.
+    It reports in `before_nack`, which every dead-lettered message passes exactly once, whatever failed it
+    (a spent retry policy, `throws`, an invalid or undecodable message, an unknown actor).
 
     Parameters:
       dsn: The Sentry DSN; None turns reporting off.
@@ -65,7 +67,6 @@ class SentryReporting(Middleware):
             default_integrations=False,
             auto_enabling_integrations=False,
             integrations=[LoggingIntegration(level=logging.INFO, event_level=None)],
-            send_default_pii=False,
             include_local_variables=False,
             max_breadcrumbs=30,
             before_send=self._scrub_event,
@@ -80,19 +81,11 @@ class SentryReporting(Middleware):
         if self.dsn:
             sentry_sdk.flush(timeout=5)
 
-    def after_process_message(
-        self, broker: Broker, message: MessageProxy, *, result: object = None, exception: BaseException | None = None
-    ) -> None:
-        if exception is not None and message.failed:
-            self._report(message, exception)
-
-    def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
-        if message.failed:
-            self._report(message, None)
+    def before_nack(self, broker: Broker, message: MessageProxy) -> None:
+        if self.dsn:
+            self._report(message, getattr(message, "_exception", None))
 
     def _report(self, message: MessageProxy, exception: BaseException | None) -> None:
-        if not self.dsn:
-            return
         error_class = message.options.get("failure_class") or type(exception).__name__
         host = callback_host(message)
         with sentry_sdk.new_scope() as scope:
@@ -108,7 +101,7 @@ class SentryReporting(Middleware):
             if "webhook_id" in message.options:
                 scope.set_tag("webhook_id", message.options["webhook_id"])
             scope.fingerprint = [message.actor_name, error_class, host or "-"]
-            if exception is None:
+            if exception is None or isinstance(exception, SkipMessage):
                 sentry_sdk.capture_message(
                     f"{message.actor_name}: {message.options.get('traceback', 'message failed')}", level="error"
                 )

@@ -215,3 +215,30 @@ def private_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+#: Figures tests hand to the `report` fixture; printed in the terminal summary (tests/test_faults.py).
+REPORT_LINES = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Return ``report(line)``: print a measured figure now and repeat it in the terminal summary."""
+    lines = request.config.stash.setdefault(REPORT_LINES, [])
+
+    def _report(line: str) -> None:
+        print(line)
+        lines.append(f"{request.node.name}: {line}")
+
+    return _report
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
+) -> None:
+    """Repeat the lines tests gave the `report` fixture, under "reported figures"."""
+    lines = config.stash.get(REPORT_LINES, [])
+    if lines:
+        terminalreporter.section("reported figures")
+        for line in lines:
+            terminalreporter.write_line(line)

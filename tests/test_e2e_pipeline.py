@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import time
 from typing import Any
@@ -173,7 +174,7 @@ def test_an_event_id_is_enqueued_once_and_becomes_the_webhook_id(redis_client, r
 
 
 def _gaps(requests: list[Received]) -> list[float]:
-    return [later.at - earlier.at for earlier, later in zip(requests, requests[1:], strict=False)]
+    return [later.at - earlier.at for earlier, later in itertools.pairwise(requests)]
 
 
 def test_the_callback_schedule_is_exponential_without_jitter_and_ends_in_the_dead_letter_queue(
@@ -306,8 +307,8 @@ def envelopes(sentry: HttpReceiver) -> list[tuple[bytes, list[dict[str, Any]]]]:
 
 
 def events(sentry: HttpReceiver) -> list[dict[str, Any]]:
-    return [item for _, items in envelopes(sentry) for item in items if "event_id" in item and "exception" in item
-            or "event_id" in item and "message" in item]
+    return [item for _, items in envelopes(sentry) for item in items if ("event_id" in item and "exception" in item)
+            or ("event_id" in item and "message" in item)]
 
 
 @pytest.fixture

@@ -8,10 +8,14 @@ import redis
 from dramatiq import Broker, Middleware
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
+from periodiq import PeriodiqMiddleware
 
 from middleware.dead_letters import DeadLetterReasons
+from middleware.delivery_metrics import DeliveryMetrics
 from middleware.http_client import HttpClients
 from middleware.idempotency import IdempotentEnqueue
+from middleware.metrics_exporter import MetricsExporter
+from middleware.outcome_counters import OutcomeCounters
 from middleware.retry_policy import QueueRetryPolicy
 from middleware.sentry import SentryReporting
 from middleware.signing import WebhookSigning
@@ -20,6 +24,7 @@ from middleware.validation import PayloadValidation
 from settings import Settings
 from whiskypay.queues import Queue
 from whiskypay.redaction import install_log_redaction
+from whiskypay.redis_broker import WhiskyPayRedisBroker
 from whiskypay.retrying import policies_from_settings
 from whiskypay.schemas import CallbackArgs, EmailArgs
 
@@ -60,12 +65,19 @@ def build_broker(settings: Settings) -> RedisBroker:
         Callbacks(),
         Pipelines(),
         CurrentMessage(),
+        # In EVERY process, not just the scheduler: `periodic=` is an actor option only this middleware declares
+        # (without it, declaring check_queue_health fails with "actor options are undefined"), and in workers it
+        # skips and acks scheduled messages older than 30 s (a backlog after downtime does not run N times).
+        PeriodiqMiddleware(skip_delay=30),
+        OutcomeCounters(),  # early in the list, so its after-hooks run once every later one decided `failed`
         # Per-process clients: opened lazily per thread, closed after the worker threads joined.
         HttpClients(
             allow_private=settings.allow_private_callbacks,
             connect_timeout_s=settings.webhook_connect_timeout_s,
             read_timeout_s=settings.webhook_read_timeout_s,
             max_response_bytes=settings.webhook_max_response_bytes,
+            host_concurrency=settings.webhook_host_concurrency,
+            slow_after_s=settings.webhook_slow_after_s,
         ),
         SmtpClients(
             host=settings.smtp_host,
@@ -86,8 +98,10 @@ def build_broker(settings: Settings) -> RedisBroker:
         ),
         IdempotentEnqueue(window_s=settings.idempotency_window_s),
         WebhookSigning(keys=settings.webhook_keys()),
-        # after_* hooks run in reverse list order: QueueRetryPolicy (last) decides retry or fail first, then
-        # DeadLetterReasons stores the reason of a failure, then SentryReporting reports it, once.
+        # QueueRetryPolicy is last, so its after_process_message runs first (after_* hooks run in reverse):
+        # it decides retry or fail before anything looks at `message.failed`. SentryReporting and
+        # DeadLetterReasons act in before_nack, which every dead-lettered message passes once, in this order:
+        # report first, then store the reason with the message in the dead-letter queue.
         SentryReporting(
             dsn=settings.sentry_dsn.get_secret_value() if settings.sentry_dsn else None,
             environment=settings.environment,
@@ -97,11 +111,17 @@ def build_broker(settings: Settings) -> RedisBroker:
         DeadLetterReasons(),
         QueueRetryPolicy(policies=policies_from_settings(settings), retry_after_max_ms=settings.retry_after_max_ms),
     ]
+    if settings.metrics_enabled:
+        # Appended last: their after-hooks run first, so DeliveryMetrics counts outcomes in after_ack/after_nack,
+        # once QueueRetryPolicy has decided. MetricsExporter (Dramatiq's Prometheus) serves both on metrics_port.
+        middleware += [MetricsExporter(), DeliveryMetrics(queues=(Queue.CALLBACKS, Queue.EMAIL))]
     install_log_redaction(list(Queue))
-    return RedisBroker(
+    return WhiskyPayRedisBroker(
         client=redis_client(settings),
         namespace=settings.namespace,
         dead_message_ttl=settings.dead_letter_ttl_ms,
+        heartbeat_timeout=settings.heartbeat_timeout_ms,
+        maintenance_interval_ms=settings.maintenance_interval_ms,
         middleware=middleware,
     )
 

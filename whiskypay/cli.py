@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 #: Modules that add subcommands, each with a `register(commands)` function; imported lazily so that one
 #: command's dependencies (the dashboard's, say) never break the others.
-COMMAND_MODULES = ("whiskypay.devcmd", "whiskypay.ops", "whiskypay.dashboard", "whiskypay.scheduler")
+COMMAND_MODULES = ("whiskypay.devcmd", "whiskypay.ops", "whiskypay.dashboard")
 
 
 def build_parser() -> argparse.ArgumentParser:

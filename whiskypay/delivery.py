@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import requests
+from urllib3.exceptions import ReadTimeoutError
 
 from whiskypay.errors import DeliveryError, EndpointGone, HttpStatusError, RefusedHost
 from whiskypay.retrying import parse_retry_after_ms
@@ -52,9 +53,11 @@ def post_webhook(
         )
         try:
             received = 0
+            deadline = started + connect_timeout_s + read_timeout_s
             for chunk in response.iter_content(8192):
                 received += len(chunk)
-                if received > max_response_bytes:
+                # Enough to know the answer: stop at the size cap, or when a trickling body passes the deadline.
+                if received > max_response_bytes or time.perf_counter() > deadline:
                     break
         finally:
             response.close()
@@ -63,6 +66,8 @@ def post_webhook(
     except requests.Timeout:
         raise DeliveryError(f"timed out waiting for {host}", host=host) from None
     except requests.ConnectionError as exc:
+        if any(isinstance(arg, ReadTimeoutError) for arg in exc.args):
+            raise DeliveryError(f"timed out waiting for {host}", host=host) from None
         reason = type(exc.__context__ or exc).__name__
         raise DeliveryError(f"could not connect to {host} ({reason})", host=host) from None
     except requests.RequestException as exc:

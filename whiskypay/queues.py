@@ -4,7 +4,9 @@ from enum import StrEnum
 
 
 class Queue(StrEnum):
-    """The two queues; the names are part of the contract and never change."""
+    """Our queues; the names are part of the contract and never change."""
 
     CALLBACKS = "callbackQueue"
     EMAIL = "emailQueue"
+    #: Scheduled upkeep (check_queue_health, sent by `periodiq actors`); ours, not BullMQ's.
+    MAINTENANCE = "maintenanceQueue"

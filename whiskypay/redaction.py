@@ -10,8 +10,8 @@ from typing import Any
 from dramatiq import Message
 from dramatiq.broker import MessageProxy
 
-_EMAIL = re.compile(r"([A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]*@([A-Za-z0-9.\-]+\.[A-Za-z]{2,})")
-_URL_TAIL = re.compile(r"(https?://[^/\s'\"?#]+)[^\s'\"]*")
+_EMAIL = re.compile(r"([^\s@<>\"',;:()\[\]])[^\s@<>\"',;:()\[\]]*@([^\s@<>\"',;:()\[\]]+\.[^\W\d_]{2,})")
+_URL_TAIL = re.compile(r"(https?://[^/\s'\"?#]+)[^\s'\"]*", re.IGNORECASE)
 
 
 def mask_email(address: str) -> str:
@@ -25,6 +25,11 @@ def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
         if secret:
             text = text.replace(secret, "[redacted]")
     return _URL_TAIL.sub(r"\1/…", mask_email(text))
+
+
+def error_summary(exception: BaseException) -> str:
+    """Return "ErrorClass: text" with addresses masked and URLs cut to their host: safe to store and show."""
+    return f"{type(exception).__name__}: {scrub_text(str(exception))}"[:1000]
 
 
 def scrub(value: Any, secrets: tuple[str, ...]) -> Any:

@@ -13,11 +13,22 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from dramatiq.middleware import MiddlewareError
-from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, ValidationError
-from pydantic import ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 #: The longest URL we accept, in characters.
 MAX_URL_LENGTH = 2048
+
+#: The largest price we accept: far above any real payment, far below where floats lose whole units.
+MAX_PRICE = 10**12
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _EVENT_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
@@ -38,7 +49,7 @@ def _no_control_characters(value: str) -> str:
 def _check_url(value: str, *, https_only: bool, field: str) -> str:
     if len(value) > MAX_URL_LENGTH:
         raise ValueError(f"is {len(value)} characters long; the limit is {MAX_URL_LENGTH}")
-    if _CONTROL.search(value) or " " in value:
+    if _CONTROL.search(value) or any(char.isspace() for char in value):
         raise ValueError("must not contain spaces or control characters")
     try:
         parts = urlsplit(value)
@@ -82,8 +93,10 @@ class CallbackArgs(_Schema):
     @field_validator("price", mode="before")
     @classmethod
     def _price(cls, value: object) -> object:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError("must be a non-negative finite number (int or float)")
+        if (isinstance(value, float) and not math.isfinite(value)) or not 0 <= value <= MAX_PRICE:
+            raise ValueError(f"must be a non-negative finite number no larger than {MAX_PRICE:.0e}")
         return value
 
     @field_validator("timestamp")
@@ -104,7 +117,7 @@ class CallbackArgs(_Schema):
     @field_validator("event_id")
     @classmethod
     def _event_id(cls, value: str | None) -> str | None:
-        if value is not None and not _EVENT_ID.match(value):
+        if value is not None and not _EVENT_ID.fullmatch(value):
             raise ValueError("must be 1-128 characters of letters, digits and _ . : -")
         return value
 
@@ -134,6 +147,8 @@ def describe(error: ValidationError) -> str:
             message = "is not an argument of this actor"
         elif item["type"] == "missing":
             message = "is required"
+        elif message.startswith("value is not a valid email address"):
+            message = "is not a valid email address"  # email-validator's detail quotes parts of the input
         problems.append(f"{field}: {message}")
     return "; ".join(problems)
 

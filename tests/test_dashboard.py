@@ -1,0 +1,514 @@
+"""`whiskypay dashboard`: dramatiq-dashboard on our broker, behind basic auth, scrubbed, driven by a real browser.
+
+Tiers: pure checks of the auth and scrubbing helpers; the real WSGI stack under waitress in a thread against the test
+Redis with real dead letters from real workers; the real `whiskypay dashboard` process (a private Redis with a
+password; Debian's chromium driven by Playwright).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from tests.conftest import REPO_ROOT
+from tests.helpers import NAMESPACE, dead_letters, wait_until
+from whiskypay.dashboard import BasicAuth, is_loopback, scrub_page
+from whiskypay.devstack import HttpReceiver, RedisServer, Response, SmtpSink, free_port
+
+USER = "ops"
+PASSWORD = "correct horse battery staple"
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+BUYER = "buyer.secret-person@example.com"
+QUEUES = ("callbackQueue", "emailQueue")
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+#: Where the browser test leaves a copy of its last screenshot, for the docs.
+DOCS_SCREENSHOT = REPO_ROOT / "docs" / "dashboard.png"
+
+
+def basic(username: str, password: str) -> str:
+    """Return an Authorization header value for username and password."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tier 1: the helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (basic(USER, PASSWORD), True),
+        ("basic " + basic(USER, PASSWORD).split()[1], True),
+        (basic(USER, PASSWORD + "x"), False),
+        (basic(USER, PASSWORD[:-1]), False),
+        (basic("Ops", PASSWORD), False),
+        (basic("", ""), False),
+        ("Basic " + base64.b64encode(f"{USER}{PASSWORD}".encode()).decode(), False),  # no colon
+        ("Basic !!!not-base64!!!", False),
+        ("Bearer " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode(), False),
+        ("", False),
+    ],
+)
+def test_only_the_configured_credentials_are_authorized(header: str, expected: bool) -> None:
+    auth = BasicAuth(lambda environ, start_response: [], username=USER, password=PASSWORD)
+    assert auth.authorized(header) is expected
+
+
+def test_basic_auth_cannot_be_built_without_a_password() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        BasicAuth(lambda environ, start_response: [], username=USER, password="")
+
+
+def test_a_page_shows_no_secret_no_email_and_no_query_string() -> None:
+    page = (
+        "<pre>&#39;http://merchant.example/hook?token=abc&amp;x=1&#39;</pre> <td>buyer@example.com</td>"
+        f"<td>{html.escape('p&ss<word')}</td><td>redis://:hunter2@db:6379/0</td>"
+    )
+    scrubbed = scrub_page(page, ["p&ss<word", "hunter2"])
+    assert scrubbed == (
+        "<pre>&#39;http://merchant.example/hook?…&#39;</pre> <td>b***@example.com</td>"
+        "<td>[redacted]</td><td>redis://:[redacted]@db:6379/0</td>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("localhost", True), ("::1", True), ("[::1]", True), ("0.0.0.0", False),
+     ("::", False), ("10.0.0.5", False), ("dashboard.internal", False)],
+)  # fmt: skip
+def test_only_loopback_addresses_count_as_local(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tier 3: the real WSGI stack under waitress, on the test Redis, with real workers making dead letters
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dashboard_url() -> Iterator[str]:
+    """The dashboard's WSGI stack (auth, scrubbing, dramatiq-dashboard on our broker) served by waitress."""
+    import waitress
+
+    import actors
+    from settings import get_settings
+    from whiskypay.broker import secrets_of
+    from whiskypay.dashboard import build_app
+
+    app = build_app(actors.broker, username=USER, password=PASSWORD, secrets=secrets_of(get_settings()))
+    server: Any = waitress.create_server(app, host="127.0.0.1", port=0, threads=2, asyncore_loop_timeout=0.1)
+    thread = threading.Thread(target=server.run, name="dashboard-waitress", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.close()
+        thread.join(5)
+
+
+@pytest.fixture
+def session() -> Iterator[requests.Session]:
+    """A requests session logged in with the right credentials."""
+    with requests.Session() as s:
+        s.auth = (USER, PASSWORD)
+        yield s
+
+
+@pytest.fixture
+def env(worker_env: dict[str, str], smtp_sink: SmtpSink) -> dict[str, str]:
+    """Worker environment: this test's SMTP sink, one attempt per callback (a failure dead-letters at once)."""
+    return {
+        **worker_env,
+        "WHISKYPAY_SMTP_HOST": smtp_sink.host,
+        "WHISKYPAY_SMTP_PORT": str(smtp_sink.port),
+        "WHISKYPAY_WEBHOOK_SECRET": SECRET,
+        "WHISKYPAY_CALLBACK_ATTEMPTS": "1",
+        "dramatiq_worker_timeout": "100",
+    }
+
+
+def dead_letter_one(client: redis.Redis, receiver: HttpReceiver, send: Callable[..., Any]) -> dict[str, Any]:
+    """Send one callback to a receiver answering 503 and return its dead letter (a worker must be running)."""
+    receiver.respond("/hook", Response(status=503))
+    message = send(callback_url=receiver.url("/hook"), email=BUYER, plan="pro", price=19.99)
+    letters = wait_until(lambda: dead_letters(client, "callbackQueue"), what="dead letter")
+    assert letters[0]["message_id"] == message.message_id
+    return letters[0]
+
+
+def redis_id(letter: dict[str, Any]) -> str:
+    """Return the Redis id of a stored message: the key of its hash entry and of the dashboard's pages."""
+    return str(letter["options"]["redis_message_id"])
+
+
+def csrf_token(page: str) -> str:
+    """Return the CSRF token of the first form on a dashboard page."""
+    match = re.search(r'name="__dd_csrf" value="([0-9a-f]+)"', page)
+    assert match, "no CSRF token on the page"
+    return match.group(1)
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [None, (USER, "wrong password"), ("admin", PASSWORD), (USER, "")],
+    ids=["no credentials", "wrong password", "wrong username", "empty password"],
+)
+def test_the_dashboard_refuses_requests_without_valid_credentials(
+    dashboard_url: str, auth: tuple[str, str] | None
+) -> None:
+    for path in ("/", "/queues/callbackQueue/failed", "/requeue-message", "/delete-message"):
+        # When a request arrives without the right credentials
+        answer = requests.post(dashboard_url + path, auth=auth, data={"queue": "callbackQueue.XQ", "id": "x"})
+        # Then it is refused with a challenge, and no dashboard content
+        assert answer.status_code == 401
+        assert answer.headers["WWW-Authenticate"] == 'Basic realm="WhiskyPay dashboard", charset="UTF-8"'
+        assert "Queue" not in answer.text
+
+
+def test_the_dashboard_lists_both_queues_with_the_right_credentials(
+    redis_client: redis.Redis, dashboard_url: str, session: requests.Session
+) -> None:
+    # When an operator opens the dashboard
+    answer = session.get(dashboard_url + "/")
+    # Then both of our queues are listed, and the page may neither be framed nor cached
+    assert answer.status_code == 200
+    for queue in QUEUES:
+        assert f'href="/queues/{queue}"' in answer.text
+    assert answer.headers["X-Frame-Options"] == "DENY"
+    assert answer.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize("queue", QUEUES)
+@pytest.mark.parametrize("tab", ["standard", "delayed", "failed"])
+def test_every_tab_of_both_queues_answers(
+    redis_client: redis.Redis, dashboard_url: str, session: requests.Session, queue: str, tab: str
+) -> None:
+    answer = session.get(f"{dashboard_url}/queues/{queue}/{tab}")
+    assert answer.status_code == 200
+    assert "No jobs" in answer.text or "table__empty" in answer.text
+
+
+def test_a_failed_message_shows_its_error_and_can_be_requeued_and_delivered(
+    redis_client: redis.Redis,
+    dashboard_url: str,
+    session: requests.Session,
+    receiver: HttpReceiver,
+    start_workers: Callable[..., Any],
+    env: dict[str, str],
+) -> None:
+    from actors import send_callback
+
+    # Given a callback dead-lettered by a real worker after its one attempt got a 503
+    start_workers("--queues", "callbackQueue", env=env)
+    letter = dead_letter_one(redis_client, receiver, send_callback.send)
+    traceback = letter["options"]["traceback"]
+    assert "503" in traceback
+    # When an operator opens the failed tab and the message's page
+    failed = session.get(f"{dashboard_url}/queues/callbackQueue/failed")
+    page = session.get(f"{dashboard_url}/queues/callbackQueue/failed/{redis_id(letter)}")
+    # Then the failed tab lists it, and its page shows the stored error, but neither the buyer's email nor a secret
+    assert failed.status_code == 200 and redis_id(letter) in failed.text
+    assert page.status_code == 200
+    assert html.escape(traceback) in page.text
+    assert BUYER not in page.text and "b***@example.com" in page.text
+    assert SECRET not in page.text
+    # When the receiver is fixed and the operator requeues the message with the form's CSRF token
+    receiver.respond("/hook", Response(status=200))
+    requeued = session.post(
+        f"{dashboard_url}/requeue-message",
+        data={"__dd_csrf": csrf_token(failed.text), "queue": "callbackQueue.XQ", "id": redis_id(letter)},
+        allow_redirects=False,
+    )
+    # Then the dead letter is gone from Redis and the worker delivers it with the same webhook-id
+    assert requeued.status_code == 302
+    # (dramatiq-dashboard redirects to the *failed* tab of the new copy, which then shows the failed list)
+    assert requeued.headers["Location"].startswith("/queues/callbackQueue/failed/")
+    assert dead_letters(redis_client, "callbackQueue") == []
+    delivered = receiver.wait_for(2, path="/hook")[1]
+    assert delivered.headers["webhook-id"] == f"msg_{letter['message_id']}"
+    assert delivered.json()["email"] == BUYER
+
+
+def test_a_failed_message_can_be_deleted(
+    redis_client: redis.Redis,
+    dashboard_url: str,
+    session: requests.Session,
+    receiver: HttpReceiver,
+    start_workers: Callable[..., Any],
+    env: dict[str, str],
+) -> None:
+    from actors import send_callback
+
+    # Given a dead-lettered callback
+    start_workers("--queues", "callbackQueue", env=env)
+    letter = dead_letter_one(redis_client, receiver, send_callback.send)
+    page = session.get(f"{dashboard_url}/queues/callbackQueue/failed/{redis_id(letter)}")
+    # When a request without the CSRF token tries to delete it, then it is refused
+    forged = session.post(f"{dashboard_url}/delete-message", data={"queue": "callbackQueue.XQ", "id": redis_id(letter)})
+    assert forged.status_code == 403
+    assert len(dead_letters(redis_client, "callbackQueue")) == 1
+    # When the operator deletes it with the page's form
+    deleted = session.post(
+        f"{dashboard_url}/delete-message",
+        data={"__dd_csrf": csrf_token(page.text), "queue": "callbackQueue.XQ", "id": redis_id(letter)},
+        allow_redirects=False,
+    )
+    # Then it is gone from the dead-letter set and hash, and was never delivered again
+    assert deleted.status_code == 302
+    assert deleted.headers["Location"] == "/queues/callbackQueue/failed"
+    assert dead_letters(redis_client, "callbackQueue") == []
+    assert redis_client.zcard(f"{NAMESPACE}:callbackQueue.XQ") == 0
+    time.sleep(0.3)
+    assert len(receiver.requests("/hook")) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tier 3: the real `whiskypay dashboard` process
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class DashboardProcess:
+    """A `whiskypay dashboard` subprocess on a free port, stopped (and its group killed) by `stop()`.
+
+    Parameters:
+        env: its environment.
+        log_path: file receiving its stdout and stderr.
+        args: extra command-line arguments.
+    """
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.command = [str(Path(sys.executable).parent / "whiskypay"), "dashboard", "--port", str(self.port), *args]
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 20) -> DashboardProcess:
+        """Start it and wait until it answers HTTP (with a 401: no credentials sent)."""
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.command, env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+        def answers() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, f"dashboard exited:\n{self.log()}"
+            try:
+                return requests.get(self.url + "/", timeout=1).status_code == 401
+            except requests.ConnectionError:
+                return False
+
+        wait_until(answers, timeout_s=timeout_s, what="the dashboard to answer")
+        return self
+
+    def log(self) -> str:
+        """Return everything it printed."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM it, SIGKILL its process group if it lingers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def start_dashboard(tmp_path: Path) -> Iterator[Callable[..., DashboardProcess]]:
+    """Factory `start_dashboard(env, *args)` -> a started DashboardProcess, stopped at teardown."""
+    started: list[DashboardProcess] = []
+
+    def _start(env: dict[str, str], *args: str) -> DashboardProcess:
+        process = DashboardProcess(env, tmp_path / f"dashboard-{len(started)}.log", *args)
+        started.append(process)
+        return process.start()
+
+    yield _start
+    for process in started:
+        process.stop()
+
+
+def dashboard_env(env: dict[str, str], **overrides: str) -> dict[str, str]:
+    """Return env with the dashboard's credentials set, plus overrides."""
+    return {**env, "WHISKYPAY_DASHBOARD_USERNAME": USER, "WHISKYPAY_DASHBOARD_PASSWORD": PASSWORD, **overrides}
+
+
+@pytest.mark.parametrize("missing", ["WHISKYPAY_DASHBOARD_USERNAME", "WHISKYPAY_DASHBOARD_PASSWORD"])
+def test_the_dashboard_refuses_to_start_without_both_credentials(worker_env: dict[str, str], missing: str) -> None:
+    env = dashboard_env(worker_env)
+    del env[missing]
+    done = subprocess.run([str(Path(sys.executable).parent / "whiskypay"), "dashboard", "--port", str(free_port())],
+                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert done.returncode == 2
+    assert "WHISKYPAY_DASHBOARD_USERNAME and WHISKYPAY_DASHBOARD_PASSWORD" in done.stderr
+    assert PASSWORD not in done.stderr + done.stdout
+
+
+def test_the_dashboard_warns_loudly_when_bound_beyond_loopback(
+    worker_env: dict[str, str], start_dashboard: Callable[..., DashboardProcess]
+) -> None:
+    process = start_dashboard(dashboard_env(worker_env), "--host", "0.0.0.0")
+    assert "WARNING: whiskypay dashboard listens on 0.0.0.0" in process.log()
+
+
+@pytest.fixture
+def passworded_redis() -> Iterator[RedisServer]:
+    """A private Redis that requires a random password (request it before the processes that use it)."""
+    with RedisServer(password="r3dis-Pa55word-" + base64.b16encode(os.urandom(6)).decode()) as server:
+        yield server
+
+
+def test_no_page_shows_the_redis_password_a_secret_or_a_buyer_email(
+    passworded_redis: RedisServer,
+    receiver: HttpReceiver,
+    start_workers: Callable[..., Any],
+    start_dashboard: Callable[..., DashboardProcess],
+    env: dict[str, str],
+) -> None:
+    import actors
+    from settings import load_settings
+    from whiskypay.broker import build_broker
+
+    # Given a Redis with a password, holding a dead letter made by a real worker
+    redis_password = str(passworded_redis.password)
+    private_env = dashboard_env(env, WHISKYPAY_REDIS_URL=passworded_redis.url)
+    start_workers("--queues", "callbackQueue", env=private_env)
+    broker = build_broker(load_settings(redis_url=passworded_redis.url, webhook_secret=SECRET))
+    try:
+        send = actors.send_callback.message
+        letter = dead_letter_one(broker.client, receiver, lambda **kwargs: broker.enqueue(send(**kwargs)))
+        # When an operator walks every page of the real `whiskypay dashboard`
+        process = start_dashboard(private_env)
+        pages = [f"/queues/{queue}/{tab}" for queue in QUEUES for tab in ("standard", "delayed", "failed")]
+        pages += ["/", f"/queues/callbackQueue/failed/{redis_id(letter)}", "/no-such-page"]
+        texts = []
+        for path in pages:
+            answer = requests.get(process.url + path, auth=(USER, PASSWORD), timeout=5)
+            assert answer.status_code in (200, 404), path
+            texts.append(answer.text + str(answer.headers))
+        everything = "\n".join(texts) + process.log()
+    finally:
+        broker.close()
+    # Then the message page showed the error, and no page (nor the log) any secret or the buyer's address
+    assert html.escape(letter["options"]["traceback"]) in everything
+    for secret in (redis_password, SECRET, SECRET.removeprefix("whsec_"), PASSWORD, BUYER):
+        assert secret not in everything
+    assert "b***@example.com" in everything
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tier 3: a real headless browser
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of Debian's chromium, installed with apt-get when missing (root only); skip when it cannot be had."""
+    if os.access(CHROMIUM, os.X_OK):
+        return CHROMIUM
+    if os.geteuid() != 0:
+        pytest.skip(f"{CHROMIUM} is missing and installing it needs root: run `apt-get install -y chromium`")
+    if shutil.which("apt-get") is None:
+        pytest.skip(f"{CHROMIUM} is missing and this machine has no apt-get to install Debian's chromium")
+    apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command, timeout_s in (
+        (["apt-get", "update", "-q"], 300),
+        (["apt-get", "install", "-y", "-q", "chromium"], 900),
+    ):
+        try:
+            subprocess.run(command, env=apt_env, capture_output=True, text=True, timeout=timeout_s, check=True)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"`{' '.join(command)}` did not finish within {timeout_s} s, so no browser is available")
+        except subprocess.CalledProcessError as exc:
+            pytest.skip(f"`{' '.join(command)}` failed (rc {exc.returncode}): {exc.stderr.strip()[-300:]}")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"apt-get installed chromium but {CHROMIUM} is still missing")
+    return CHROMIUM
+
+
+@pytest.mark.e2e
+def test_an_operator_requeues_a_failed_callback_in_a_real_browser(
+    chromium: str,
+    redis_client: redis.Redis,
+    receiver: HttpReceiver,
+    start_workers: Callable[..., Any],
+    start_dashboard: Callable[..., DashboardProcess],
+    env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from actors import send_callback, send_email
+
+    # Given a dead-lettered callback, a delayed email, a running worker and the real dashboard
+    start_workers("--queues", "callbackQueue", env=env)
+    letter = dead_letter_one(redis_client, receiver, send_callback.send)
+    send_email.send_with_options(
+        kwargs={"buyer_email": BUYER, "merchant_email": "owner@merchant.example", "plan": "pro", "saas_name": "Acme"},
+        delay=600_000,
+    )
+    process = start_dashboard(dashboard_env(env))
+    receiver.respond("/hook", Response(status=200))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, timeout=30_000)
+        try:
+            context = browser.new_context(http_credentials={"username": USER, "password": PASSWORD},
+                                          viewport={"width": 1100, "height": 640})  # fmt: skip
+            page = context.new_page()
+            page.set_default_timeout(10_000)
+            # When the operator logs in, then both queues are listed with their counts
+            page.goto(process.url + "/")
+            callbacks = page.locator("tr", has=page.locator("a", has_text="callbackQueue"))
+            emails = page.locator("tr", has=page.locator("a", has_text="emailQueue"))
+            expect(callbacks.locator("td")).to_have_text([re.compile("callbackQueue"), "0", "0", "1"])
+            expect(emails.locator("td")).to_have_text([re.compile("emailQueue"), "0", "1", "0"])
+            # When they open the failed message, then its error shows
+            page.click("text=callbackQueue")
+            failed_tab = page.locator(".tabs__tab a", has_text="Failed")
+            expect(failed_tab).to_have_text(re.compile(r"Failed\s*\(\s*1\s*\)"))
+            failed_tab.click()
+            page.click(f"a[href$='/{redis_id(letter)}']")
+            expect(page.locator("body")).to_contain_text(letter["options"]["traceback"])
+            expect(page.locator("body")).to_contain_text("b***@example.com")
+            # When they go back to the failed tab and click the message's Requeue button
+            page.go_back()
+            page.locator("tr", has=page.locator(f"a[href$='/{redis_id(letter)}']")).get_by_role(
+                "button", name=re.compile("requeue", re.IGNORECASE)
+            ).click()
+            page.wait_for_load_state()
+            # Then the worker delivers it with the same webhook-id, and the dashboard shows no failure left
+            delivered = receiver.wait_for(2, path="/hook")[1]
+            assert delivered.headers["webhook-id"] == f"msg_{letter['message_id']}"
+            assert dead_letters(redis_client, "callbackQueue") == []
+            page.goto(process.url + "/")
+            expect(callbacks.locator("td")).to_have_text([re.compile("callbackQueue"), "0", "0", "0"])
+            assert BUYER not in page.content() and PASSWORD not in page.content()
+            page.screenshot(path=str(tmp_path / "dashboard.png"))
+        finally:
+            browser.close()
+    if os.environ.get("WHISKYPAY_UPDATE_SCREENSHOTS"):  # refresh docs/dashboard.png only when asked
+        shutil.copyfile(tmp_path / "dashboard.png", DOCS_SCREENSHOT)

@@ -1,0 +1,81 @@
+"""Prometheus metrics: a real worker with WHISKYPAY_METRICS_ENABLED serves Dramatiq's and our delivery metrics."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import dead_letters, wait_until
+from whiskypay.devstack import HttpReceiver, Response, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Return every sample of the /metrics page as {(name, sorted labels): value}; {} while nothing answers."""
+    try:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except requests.ConnectionError:
+        return {}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def deliveries(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], outcome: str) -> float:
+    return samples.get(("whiskypay_deliveries_total", (("outcome", outcome), ("queue", "callbackQueue"))), 0.0)
+
+
+def test_a_worker_serves_delivery_counts_and_times_after_deliveries(
+    redis_client, receiver: HttpReceiver, start_workers, worker_env, tmp_path: Path
+):
+    from actors import send_callback
+
+    # Given a worker with metrics on, its own port and multiprocess directory, and three merchants
+    port = free_port()
+    env = {
+        **worker_env,
+        "WHISKYPAY_METRICS_ENABLED": "true",
+        "WHISKYPAY_METRICS_PORT": str(port),
+        "WHISKYPAY_CALLBACK_ATTEMPTS": "2",
+        "dramatiq_prom_db": str(tmp_path / "prometheus"),
+        "dramatiq_prom_host": "127.0.0.1",
+        "dramatiq_worker_timeout": "100",
+    }
+    receiver.respond("/ok", Response(200))
+    receiver.respond("/flaky", Response(500), Response(200))
+    receiver.respond("/down", Response(500))
+    worker = start_workers("--queues", "callbackQueue", env=env)
+    # When one callback is delivered at once, one after a retry, and one fails both attempts
+    for path in ("/ok", "/flaky", "/down"):
+        send_callback.send(callback_url=receiver.url(path), email="buyer@example.com", plan="pro", price=1.0)
+    wait_until(lambda: dead_letters(redis_client, "callbackQueue"), what="the failing callback's dead letter")
+    # Then /metrics counts 2 delivered, 2 retried and 1 failed attempt, and times all 5
+    samples = wait_until(
+        lambda: (s := scrape(port)) and deliveries(s, "failed") == 1 and deliveries(s, "delivered") == 2 and s,
+        timeout_s=15, what="the counters on /metrics",
+    )
+    assert deliveries(samples, "retried") == 2
+    assert samples[("whiskypay_delivery_seconds_count", (("queue", "callbackQueue"),))] == 5
+    assert samples[("whiskypay_delivery_seconds_sum", (("queue", "callbackQueue"),))] > 0
+    # And Dramatiq's own metrics are there too
+    assert samples[("dramatiq_messages_total", (("actor_name", "send_callback"), ("queue_name", "callbackQueue")))] == 5
+    assert f"Serving Prometheus metrics on 127.0.0.1:{port}" in worker.log()
+
+
+def test_metrics_are_off_by_default(redis_client, start_workers, worker_env):
+    import actors
+    from middleware.delivery_metrics import DeliveryMetrics
+
+    assert not any(isinstance(m, DeliveryMetrics) for m in actors.broker.middleware)
+    port = free_port()
+    worker = start_workers("--queues", "callbackQueue", env={**worker_env, "WHISKYPAY_METRICS_PORT": str(port)})
+    time.sleep(1.0)  # the exposition fork would start right after the workers are ready
+    assert scrape(port) == {}
+    assert "Serving Prometheus metrics" not in worker.log()
