@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from urllib.parse import urlsplit
 
 import dramatiq
@@ -46,6 +47,7 @@ def send_callback(
     body = webhook_body(email=email, plan=plan, price=price, timestamp=timestamp)
     headers = middleware_of(broker, WebhookSigning).headers(webhook_id, body)
     host = urlsplit(callback_url).hostname
+    started = time.perf_counter()
     try:
         result = middleware_of(broker, HttpClients).post(callback_url, body, headers)
     except Deferred:
@@ -53,8 +55,8 @@ def send_callback(
     except Exception as exc:
         status = getattr(exc, "tags", {}).get("http_status", "-")
         logger.warning(
-            "webhook message=%s host=%s status=%s attempt=%d failed: %s",
-            message_id, host, status, attempt, scrub_text(str(exc)),
+            "webhook message=%s host=%s status=%s duration_ms=%.0f attempt=%d failed: %s",
+            message_id, host, status, (time.perf_counter() - started) * 1000, attempt, scrub_text(str(exc)),
         )
         raise
     logger.info(

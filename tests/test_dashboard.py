@@ -25,7 +25,6 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import REPO_ROOT
 from tests.helpers import NAMESPACE, dead_letters, wait_until
 from whiskypay.dashboard import BasicAuth, is_loopback, scrub_page
 from whiskypay.devstack import HttpReceiver, RedisServer, Response, SmtpSink, free_port
@@ -41,6 +40,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 #: Where the browser test leaves a copy of its last screenshot, for the docs.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS_SCREENSHOT = REPO_ROOT / "docs" / "dashboard.png"
 
 

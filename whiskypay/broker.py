@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from typing import TypeVar
 
 import redis
@@ -105,7 +106,7 @@ def build_broker(settings: Settings) -> RedisBroker:
         SentryReporting(
             dsn=settings.sentry_dsn.get_secret_value() if settings.sentry_dsn else None,
             environment=settings.environment,
-            release=settings.release,
+            release=settings.release or f"whiskypay-workers@{version('whiskypay-workers')}",
             secrets=secrets_of(settings),
         ),
         DeadLetterReasons(),

@@ -13,6 +13,10 @@ a dead worker's messages) as they are:
   runs at random (0.1% of commands) per queue: a SIGKILLed worker's messages came back after 914 s here.
   This broker runs maintenance for each queue at least every `maintenance_interval_ms`, so they come back
   within heartbeat_timeout + maintenance_interval + one poll.
+- Redis outages. A consumer that loses Redis waits and tries again instead of being restarted, because a
+  restart drops the delayed retries the worker holds in memory (their acks stay with the live worker, so
+  nothing would ever requeue them). And in a worker process an enqueue (a retry being scheduled, a delayed
+  message coming due) waits for Redis instead of failing, because the message it carries is acked next.
 - Poison messages. Stock Dramatiq cannot decode random bytes or wrong-shape JSON; its consumer restarts
   and the message sits unacked forever. Here it is rewritten into a readable placeholder message that
   carries the reason (and the first bytes, base64) and dead-lettered.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from typing import Any
 
 import redis
@@ -29,7 +34,7 @@ from dramatiq import Message
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis, q_name
-from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.errors import DecodeError
 from dramatiq.logging import get_logger
 
 #: Maintenance requeues dead workers' messages; ack and nack never trigger it (as in Dramatiq).
@@ -139,6 +144,7 @@ class WhiskyPayRedisBroker(RedisBroker):
     def __init__(self, *, maintenance_interval_ms: int = 10_000, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.maintenance_interval_ms = maintenance_interval_ms
+        self.enqueue_waits_for_redis = False
         self._last_maintenance: dict[str, int] = {}
         self.waker = QueueWaker(self.client, self.namespace)
 
@@ -181,7 +187,35 @@ class WhiskyPayRedisBroker(RedisBroker):
 
         return do_dispatch
 
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> _RedisConsumer:
+        # Only worker processes consume: from here on this process's enqueues are retries and delayed
+        # messages coming due, which must wait out a Redis outage rather than fail (see do_enqueue).
+        self.enqueue_waits_for_redis = True
+        return super().consume(queue_name, prefetch, timeout)
+
     def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> None:
+        """Enqueue and publish the wake-up; in a worker, keep trying through a Redis outage.
+
+        In the gateway a failure raises at once (send() must fail fast). In a worker process the enqueue is a
+        retry being scheduled or a delayed message coming due, and the message it carries is about to be
+        acked: giving up would lose it. So it retries, up to once a second, until Redis answers.
+        """
+        tries = 0
+        while True:
+            try:
+                return self._enqueue_once(queue_name, message_id, data)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if not self.enqueue_waits_for_redis:
+                    raise
+                tries += 1
+                if tries == 1 or tries % 30 == 0:
+                    self.logger.warning(
+                        "Redis unreachable while enqueuing on %r (%s); retrying until it is back.",
+                        queue_name, type(exc).__name__,
+                    )
+                time.sleep(min(0.05 * 2**tries, 1.0))
+
+    def _enqueue_once(self, queue_name: str, message_id: str, data: bytes) -> None:
         """Enqueue with Dramatiq's script and publish the wake-up, in one round trip."""
         dispatch = self.scripts["dispatch"]
         args = self._args("enqueue", queue_name, message_id, data)
@@ -284,5 +318,11 @@ class _WakingConsumer(_RedisConsumer):  # type: ignore[misc]
                     continue
                 self.queued_message_ids.add(message.message_id)
                 return MessageProxy(message)
-        except redis.ConnectionError as exc:
-            raise ConnectionClosed(exc) from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Stock Dramatiq raises ConnectionClosed here, and its consumer thread then throws away the retries
+            # it holds in memory while their acks stay with this (alive) worker: maintenance never requeues
+            # them. Waiting out the outage instead keeps them; redis-py reconnects on the next call.
+            self.logger.warning("Redis unreachable while consuming %r (%s); retrying.", self.queue_name,
+                                type(exc).__name__)
+            self.wake.wait(self.timeout / 1000)
+            return None
