@@ -19,6 +19,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # make `whiskypay` importable under plain `pytest`
 
+from tests.helpers import TEST_SECRET
 from whiskypay.devstack import HttpReceiver, RedisServer, SmtpSink, WorkerProcess, redis_answers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ os.environ["WHISKYPAY_REDIS_URL"] = _choose_test_redis()
 _TEST_DEFAULTS = {
     "WHISKYPAY_ALLOW_PRIVATE_CALLBACKS": "true",
     "WHISKYPAY_CALLBACK_HTTPS_ONLY": "false",
-    "WHISKYPAY_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    "WHISKYPAY_WEBHOOK_SECRET": TEST_SECRET,
     "WHISKYPAY_MAIL_FROM": "payments@whiskypay.test",
     "WHISKYPAY_CALLBACK_BACKOFF_MS": "100",
     "WHISKYPAY_EMAIL_BACKOFF_MS": "100",
@@ -72,7 +73,6 @@ _TEST_DEFAULTS = {
     "WHISKYPAY_WEBHOOK_CONNECT_TIMEOUT_S": "2",
     "WHISKYPAY_WEBHOOK_READ_TIMEOUT_S": "2",
     "WHISKYPAY_SMTP_TIMEOUT_S": "5",
-    "WHISKYPAY_DRAMATIQ_WORKER_TIMEOUT_MS": "100",
 }
 for _key, _value in _TEST_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
@@ -161,6 +161,18 @@ def worker_env(tmp_path: Path) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TMPDIR", str(tmp_path))
     return env
+
+
+@pytest.fixture
+def env(worker_env: dict[str, str], smtp_sink: SmtpSink) -> dict[str, str]:
+    """Worker environment pointed at this test's SMTP sink, with fast idle polling (modules may extend it)."""
+    return {
+        **worker_env,
+        "WHISKYPAY_SMTP_HOST": smtp_sink.host,
+        "WHISKYPAY_SMTP_PORT": str(smtp_sink.port),
+        "WHISKYPAY_WEBHOOK_SECRET": TEST_SECRET,
+        "dramatiq_worker_timeout": "100",
+    }
 
 
 StartWorkers = Callable[..., WorkerProcess]

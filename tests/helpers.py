@@ -14,6 +14,9 @@ T = TypeVar("T")
 #: The broker namespace our settings default to.
 NAMESPACE = "whiskypay"
 
+#: The webhook secret the test environment runs with (tests/conftest.py sets it).
+TEST_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
 
 def wait_until(predicate: Callable[[], T], *, timeout_s: float = 15.0, what: str = "condition") -> T:
     """Poll predicate every 50 ms until it returns something truthy; fail the test after timeout_s."""

@@ -25,13 +25,13 @@ import pytest
 import redis
 import requests
 
-from tests.helpers import NAMESPACE, dead_letters, wait_until
+from tests.helpers import NAMESPACE, TEST_SECRET, dead_letters, wait_until
 from whiskypay.dashboard import BasicAuth, is_loopback, scrub_page
-from whiskypay.devstack import HttpReceiver, RedisServer, Response, SmtpSink, free_port
+from whiskypay.devstack import HttpReceiver, RedisServer, Response, free_port
 
 USER = "ops"
 PASSWORD = "correct horse battery staple"
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SECRET = TEST_SECRET
 BUYER = "buyer.secret-person@example.com"
 QUEUES = ("callbackQueue", "emailQueue")
 CHROMIUM = "/usr/bin/chromium"
@@ -135,16 +135,9 @@ def session() -> Iterator[requests.Session]:
 
 
 @pytest.fixture
-def env(worker_env: dict[str, str], smtp_sink: SmtpSink) -> dict[str, str]:
-    """Worker environment: this test's SMTP sink, one attempt per callback (a failure dead-letters at once)."""
-    return {
-        **worker_env,
-        "WHISKYPAY_SMTP_HOST": smtp_sink.host,
-        "WHISKYPAY_SMTP_PORT": str(smtp_sink.port),
-        "WHISKYPAY_WEBHOOK_SECRET": SECRET,
-        "WHISKYPAY_CALLBACK_ATTEMPTS": "1",
-        "dramatiq_worker_timeout": "100",
-    }
+def env(env: dict[str, str]) -> dict[str, str]:
+    """The shared worker environment with one attempt per callback (a failure dead-letters at once)."""
+    return {**env, "WHISKYPAY_CALLBACK_ATTEMPTS": "1"}
 
 
 def dead_letter_one(client: redis.Redis, receiver: HttpReceiver, send: Callable[..., Any]) -> dict[str, Any]:

@@ -10,24 +10,12 @@ import pytest
 import redis
 from standardwebhooks.webhooks import Webhook
 
-from tests.helpers import dead_letters, queued, wait_until
-from whiskypay.devstack import HttpReceiver, Response, SmtpSink
+from tests.helpers import TEST_SECRET, dead_letters, queued, wait_until
+from whiskypay.devstack import HttpReceiver, Response
 
 pytestmark = pytest.mark.e2e
 
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
-
-@pytest.fixture
-def env(worker_env: dict[str, str], smtp_sink: SmtpSink) -> dict[str, str]:
-    """Worker environment pointed at this test's SMTP sink, with fast idle polling."""
-    return {
-        **worker_env,
-        "WHISKYPAY_SMTP_HOST": smtp_sink.host,
-        "WHISKYPAY_SMTP_PORT": str(smtp_sink.port),
-        "WHISKYPAY_WEBHOOK_SECRET": SECRET,
-        "dramatiq_worker_timeout": "100",
-    }
+SECRET = TEST_SECRET
 
 
 def pay(receiver: HttpReceiver, path: str = "/hook", **overrides: object) -> str:

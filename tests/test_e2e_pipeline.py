@@ -12,26 +12,15 @@ import pytest
 from dramatiq import Message
 from standardwebhooks.webhooks import Webhook
 
-from tests.helpers import all_queue_keys, dead_letters, queued, wait_until
-from whiskypay.devstack import HttpReceiver, Received, Response, SmtpSink
+from tests.helpers import TEST_SECRET, all_queue_keys, dead_letters, queued, wait_until
+from whiskypay.devstack import HttpReceiver, Received, Response
 from whiskypay.schemas import InvalidPayload
 
 pytestmark = pytest.mark.e2e
 
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SECRET = TEST_SECRET
 OLD_SECRET = "whsec_dGhpcy1pcy10aGUtb2xkLXNlY3JldC1mb3Itcm90YXRpb24="
 BUYER = "buyer-private@example.com"
-
-
-@pytest.fixture
-def env(worker_env: dict[str, str], smtp_sink: SmtpSink) -> dict[str, str]:
-    return {
-        **worker_env,
-        "WHISKYPAY_SMTP_HOST": smtp_sink.host,
-        "WHISKYPAY_SMTP_PORT": str(smtp_sink.port),
-        "WHISKYPAY_WEBHOOK_SECRET": SECRET,
-        "dramatiq_worker_timeout": "100",
-    }
 
 
 def good_callback(receiver: HttpReceiver, **overrides: Any) -> dict[str, Any]:

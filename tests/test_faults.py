@@ -33,12 +33,12 @@ import pytest
 import redis
 from dramatiq import Message
 
-from tests.helpers import dead_letters, wait_until
+from tests.helpers import TEST_SECRET, dead_letters, wait_until
 from whiskypay.devstack import HttpReceiver, Mail, Received, RedisServer, Response, SmtpSink, WorkerProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SECRET = TEST_SECRET
 SMTP_USER = "whiskypay-relay"
 SMTP_PASSWORD = "smtp-PW-9f3c1e77"
 BUYER = "buyer-private@example.com"
@@ -65,16 +65,12 @@ StartWorkers = Callable[..., WorkerProcess]
 
 
 @pytest.fixture
-def env(worker_env: dict[str, str], smtp_sink: SmtpSink) -> dict[str, str]:
-    """Worker environment: the session test Redis, an SMTP sink, fast polling and test-sized liveness settings."""
+def env(env: dict[str, str]) -> dict[str, str]:
+    """The shared worker environment with test-sized liveness settings."""
     return {
-        **worker_env,
-        "WHISKYPAY_SMTP_HOST": smtp_sink.host,
-        "WHISKYPAY_SMTP_PORT": str(smtp_sink.port),
-        "WHISKYPAY_WEBHOOK_SECRET": SECRET,
+        **env,
         "WHISKYPAY_HEARTBEAT_TIMEOUT_MS": str(HEARTBEAT_MS),
         "WHISKYPAY_MAINTENANCE_INTERVAL_MS": str(MAINTENANCE_MS),
-        "dramatiq_worker_timeout": "100",
     }
 
 

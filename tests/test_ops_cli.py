@@ -21,8 +21,8 @@ import pytest
 import redis
 
 from middleware.outcome_counters import OutcomeCounters, stats_key
-from tests.helpers import NAMESPACE, dead_letters, wait_until
-from whiskypay.devstack import HttpReceiver, Response, SmtpSink, free_port
+from tests.helpers import NAMESPACE, TEST_SECRET, dead_letters, wait_until
+from whiskypay.devstack import HttpReceiver, Response, free_port
 from whiskypay.ops import (
     decode_dead_letter,
     encode_message,
@@ -32,7 +32,7 @@ from whiskypay.ops import (
     shorten,
 )
 
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SECRET = TEST_SECRET
 BUYER = "buyer@example.com"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -185,18 +185,6 @@ def test_counters_count_completed_and_failed_and_remember_when_they_started(redi
 # --------------------------------------------------------------------------------------------------------------------
 # the commands, against Redis and real workers
 # --------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def env(worker_env: dict[str, str], smtp_sink: SmtpSink) -> dict[str, str]:
-    """Worker environment pointed at this test's SMTP sink, with fast idle polling."""
-    return {
-        **worker_env,
-        "WHISKYPAY_SMTP_HOST": smtp_sink.host,
-        "WHISKYPAY_SMTP_PORT": str(smtp_sink.port),
-        "WHISKYPAY_WEBHOOK_SECRET": SECRET,
-        "dramatiq_worker_timeout": "100",
-    }
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -8,18 +8,13 @@ import time
 import pytest
 
 from tests.helpers import NAMESPACE, dead_letters, wait_until
-from whiskypay.devstack import HttpReceiver, SmtpSink
-
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+from whiskypay.devstack import HttpReceiver
 
 
 @pytest.fixture
-def env(worker_env: dict[str, str], smtp_sink: SmtpSink) -> dict[str, str]:
+def env(env: dict[str, str]) -> dict[str, str]:
     # Dramatiq's default idle poll (1 s): the wake-up, not a short poll, must make pickup fast.
-    env = {**worker_env, "WHISKYPAY_SMTP_HOST": smtp_sink.host, "WHISKYPAY_SMTP_PORT": str(smtp_sink.port),
-           "WHISKYPAY_WEBHOOK_SECRET": SECRET}
-    env.pop("dramatiq_worker_timeout", None)
-    return env
+    return {key: value for key, value in env.items() if key != "dramatiq_worker_timeout"}
 
 
 @pytest.mark.e2e

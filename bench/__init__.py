@@ -1,0 +1,1 @@
+"""Benchmarks of WhiskyPay Workers against bare Dramatiq: run them with `bench/run` (see BENCHMARKS.md)."""
