@@ -22,14 +22,14 @@ def _utc_now_iso() -> str:
 class PayloadValidation(Middleware):
     """Refuse bad arguments at `send()` (raise `InvalidPayload`, nothing enqueued) and dead-letter bad messages.
 
-    At enqueue it also fills an omitted `timestamp` with the send time (UTC, ISO-8601) and bounds the size of
-    the encoded message. In the worker, a message that fails its schema is failed without running and its
-    reason is stored in its `traceback` option for the dead-letter queue.
+    At enqueue it also fills an omitted `timestamp` with the send time (UTC, ISO-8601); the broker bounds the
+    size of the encoded message (`WhiskyPayRedisBroker`, which sees the bytes without encoding them twice).
+    In the worker, a message that fails its schema is failed without running and its reason is stored in its
+    `traceback` option for the dead-letter queue.
 
     Parameters:
       schemas: Actor name to pydantic model of its arguments; other actors pass unchecked.
       https_only: Refuse http:// callback URLs.
-      max_message_bytes: The largest encoded message accepted at enqueue, in bytes.
       now_iso: The clock for default timestamps.
     """
 
@@ -38,13 +38,11 @@ class PayloadValidation(Middleware):
         *,
         schemas: Mapping[str, type[BaseModel]],
         https_only: bool,
-        max_message_bytes: int,
         now_iso: Callable[[], str] = _utc_now_iso,
     ) -> None:
         self.logger = get_logger(__name__, type(self))
         self.schemas = dict(schemas)
         self.https_only = https_only
-        self.max_message_bytes = max_message_bytes
         self.now_iso = now_iso
 
     def _arguments(self, message: Message[Any] | MessageProxy) -> dict[str, Any]:
@@ -79,12 +77,6 @@ class PayloadValidation(Middleware):
             raise InvalidPayload(f"{message.actor_name}: {problem}. Nothing was enqueued; fix the caller.")
         if "timestamp" in self.schemas[message.actor_name].model_fields and message.kwargs.get("timestamp") is None:
             message.kwargs["timestamp"] = self.now_iso()
-        size = len(message.encode())
-        if size > self.max_message_bytes:
-            raise InvalidPayload(
-                f"{message.actor_name}: the message is {size} bytes, over the {self.max_message_bytes}-byte limit "
-                "(WHISKYPAY_MAX_MESSAGE_BYTES). Nothing was enqueued."
-            )
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         problem = self._problem(broker, message)

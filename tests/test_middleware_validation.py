@@ -26,12 +26,11 @@ GOOD: dict[str, Any] = {
 class Harness:
     """A StubBroker carrying only PayloadValidation, with a throwaway send_callback and an unchecked actor."""
 
-    def __init__(self, *, max_message_bytes: int = 16 * 1024, https_only: bool = True) -> None:
+    def __init__(self, *, https_only: bool = True) -> None:
         self.ran: list[dict[str, Any]] = []
         self.validation = PayloadValidation(
             schemas={"send_callback": CallbackArgs, "send_email": EmailArgs},
             https_only=https_only,
-            max_message_bytes=max_message_bytes,
             now_iso=lambda: NOW_ISO,
         )
         self.broker = StubBroker(middleware=[self.validation])
@@ -144,20 +143,6 @@ def test_positional_arguments_are_refused_with_a_fix(harness: Harness, args: tup
     with pytest.raises(InvalidPayload, match="given by position; pass every argument by keyword"):
         harness.send_callback.send(*args, **kwargs)
     assert harness.queued() == []
-
-
-def test_an_oversize_message_is_refused() -> None:
-    # Given a 300-byte limit and a valid callback whose encoded message is bigger
-    small = Harness(max_message_bytes=300)
-    try:
-        # When sent
-        with pytest.raises(InvalidPayload) as caught:
-            small.send_callback.send(**{**GOOD, "plan": "P" * 200})
-        # Then it is refused naming the size and the setting, and nothing is enqueued
-        assert "over the 300-byte limit (WHISKYPAY_MAX_MESSAGE_BYTES)" in str(caught.value)
-        assert small.queued() == []
-    finally:
-        small.broker.close()
 
 
 def test_an_actor_without_a_schema_is_not_checked(harness: Harness) -> None:

@@ -151,14 +151,14 @@ def test_a_redis_error_while_counting_is_logged_once_at_debug_and_never_raised(c
     # Given a broker whose Redis does not answer
     client = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
     broker = RedisBroker(client=client, namespace="whiskypay", middleware=[])
-    counters = OutcomeCounters(clock=lambda: 1_780_000_000)
+    counters = OutcomeCounters(clock=lambda: 1_780_000_000, flush_interval_s=0)
     message = MessageProxy(Message(queue_name="callbackQueue", actor_name="a", args=(), kwargs={}, options={}))
     # When two messages complete
     with caplog.at_level(logging.DEBUG, logger="middleware.outcome_counters"):
         counters.after_process_message(broker, message)
         counters.after_process_message(broker, message)
     # Then nothing was raised, and one debug line names the key
-    lines = [record for record in caplog.records if "Could not count" in record.getMessage()]
+    lines = [record for record in caplog.records if "Could not count outcomes" in record.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.DEBUG
     assert "whiskypay:whiskypay.stats:callbackQueue" in lines[0].getMessage()
 
@@ -169,7 +169,7 @@ def test_counters_count_completed_and_failed_and_remember_when_they_started(redi
 
     import actors
 
-    counters = OutcomeCounters(clock=lambda: 1_780_000_000)
+    counters = OutcomeCounters(clock=lambda: 1_780_000_000, flush_interval_s=0)
     done = MessageProxy(Message(queue_name="callbackQueue.DQ", actor_name="a", args=(), kwargs={}, options={}))
     failed = MessageProxy(Message(queue_name="callbackQueue", actor_name="a", args=(), kwargs={}, options={}))
     failed.fail()
@@ -180,6 +180,31 @@ def test_counters_count_completed_and_failed_and_remember_when_they_started(redi
     counters.after_process_message(actors.broker, retried, exception=RuntimeError("will be retried"))
     stats = redis_client.hgetall(stats_key(NAMESPACE, "callbackQueue"))
     assert stats == {b"completed": b"1", b"failed": b"2", b"started_at": b"1780000000"}
+
+
+def test_counts_wait_in_memory_until_the_flush_interval_passes(redis_client) -> None:
+    from dramatiq import Message
+    from dramatiq.broker import MessageProxy
+
+    import actors
+
+    # Given counters that write at most every 10 s, on a clock we move by hand
+    now = [1_780_000_000.0]
+    counters = OutcomeCounters(clock=lambda: now[0], flush_interval_s=10)
+    done = MessageProxy(Message(queue_name="callbackQueue", actor_name="a", args=(), kwargs={}, options={}))
+    key = stats_key(NAMESPACE, "callbackQueue")
+    # When three messages complete within the interval, nothing is written yet
+    for _ in range(3):
+        counters.after_process_message(actors.broker, done)
+    assert redis_client.hgetall(key) == {}
+    # Then the first count after the interval writes all four in one go
+    now[0] += 10
+    counters.after_process_message(actors.broker, done)
+    assert redis_client.hget(key, "completed") == b"4"
+    # And shutdown writes what is left
+    counters.after_process_message(actors.broker, done)
+    counters.after_worker_shutdown(actors.broker, None)  # type: ignore[arg-type]
+    assert redis_client.hget(key, "completed") == b"5"
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -328,3 +328,37 @@ def test_the_oracle_accepts_a_valid_call_and_names_each_defect() -> None:
     assert callback_objections({**good, "price": True}, https_only=True) == {"price is not int or float"}
     assert callback_objections({**good, "event_id": "e\n"}, https_only=True) == {"event_id ends with a newline"}
     assert callback_objections({**good, "x": 1}, https_only=True) == {"unknown argument"}
+
+
+_EMAIL_ALPHABET = "abcXYZ019.-_+!#$%&'*/=?^`{|}~@\"() é"
+_EMAIL_PARTS = st.sampled_from(
+    ["a", "b.c", "x--y", "xn--", "-a", "a-", ".", "..", "@", "com", "test", "localhost", "Example", "1", "ä", "é", " "]
+)
+
+
+@given(
+    st.one_of(
+        st.text(alphabet=_EMAIL_ALPHABET, max_size=40),
+        st.lists(_EMAIL_PARTS, min_size=1, max_size=8).map("".join),
+        st.builds(
+            lambda local, labels, tld: f"{local}@{'.'.join(labels)}.{tld}",
+            st.text(alphabet="abc.-_+!#'", min_size=1, max_size=70),
+            st.lists(st.text(alphabet="ab1-", min_size=1, max_size=65), min_size=1, max_size=3),
+            st.sampled_from(["com", "io", "test", "localhost", "c", "x1", "COM", "onion", "arpa"]),
+        ),
+    )
+)
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_fast_email_check_accepts_nothing_email_validator_refuses(value: str) -> None:
+    # Given any string, when our check (a regex fast path, email-validator for the rest) accepts it,
+    # then email-validator accepts it too
+    import email_validator
+
+    from whiskypay.schemas import check_email
+
+    try:
+        check_email(value)
+    except ValueError:
+        return
+    event("accepted")
+    email_validator.validate_email(value, check_deliverability=False)

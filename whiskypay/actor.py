@@ -9,6 +9,7 @@ import redis
 from dramatiq import Actor, Message
 
 from middleware.idempotency import DuplicateEvent, IdempotentEnqueue
+from whiskypay.schemas import InvalidPayload
 
 
 class EnqueueError(Exception):
@@ -17,6 +18,14 @@ class EnqueueError(Exception):
 
 class WhiskyPayActor(Actor[Any, Any]):
     """An actor whose `send()` returns the first message for a duplicate event_id and names Redis failures."""
+
+    def _release_event_id(self, message: Message[Any]) -> None:
+        for middleware in self.broker.middleware:
+            if isinstance(middleware, IdempotentEnqueue):
+                try:
+                    middleware.release(self.broker, message)
+                except redis.RedisError:
+                    pass
 
     def send_with_options(
         self,
@@ -34,13 +43,11 @@ class WhiskyPayActor(Actor[Any, Any]):
         except DuplicateEvent as exc:
             self.logger.info("Not enqueued: %s.", exc)
             return message
+        except InvalidPayload:
+            self._release_event_id(message)
+            raise
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            for middleware in self.broker.middleware:
-                if isinstance(middleware, IdempotentEnqueue):
-                    try:
-                        middleware.release(self.broker, message)
-                    except redis.RedisError:
-                        pass
+            self._release_event_id(message)
             raise EnqueueError(
                 f"{self.actor_name}: the job was not accepted, Redis is unreachable ({type(exc).__name__}). "
                 "Check WHISKYPAY_REDIS_URL and that Redis is up, then send again."

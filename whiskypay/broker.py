@@ -95,7 +95,6 @@ def build_broker(settings: Settings) -> RedisBroker:
         PayloadValidation(
             schemas={"send_callback": CallbackArgs, "send_email": EmailArgs},
             https_only=settings.callback_https_only,
-            max_message_bytes=settings.max_message_bytes,
         ),
         IdempotentEnqueue(window_s=settings.idempotency_window_s),
         WebhookSigning(keys=settings.webhook_keys()),
@@ -123,6 +122,7 @@ def build_broker(settings: Settings) -> RedisBroker:
         dead_message_ttl=settings.dead_letter_ttl_ms,
         heartbeat_timeout=settings.heartbeat_timeout_ms,
         maintenance_interval_ms=settings.maintenance_interval_ms,
+        max_message_bytes=settings.max_message_bytes,
         middleware=middleware,
     )
 
