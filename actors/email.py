@@ -37,10 +37,11 @@ def send_email(
     message_id = message.message_id if message else "direct-call"
     assert smtp.mail_from is not None
     domain = smtp.mail_from.rsplit("@", 1)[1]
-    client = broker.client if isinstance(broker, RedisBroker) and message else None
+    redis_broker = broker if isinstance(broker, RedisBroker) and message else None
     recipients: tuple[tuple[Role, str], ...] = (("buyer", buyer_email), ("merchant", merchant_email))
     for role, to in recipients:
-        marker = f"{broker.namespace}:whiskypay.sent:{message_id}:{role}" if client else ""
+        marker = f"{redis_broker.namespace}:whiskypay.sent:{message_id}:{role}" if redis_broker else ""
+        client = redis_broker.client if redis_broker else None
         if client and client.exists(marker):
             logger.info("email message=%s role=%s already sent; skipped", message_id, role)
             continue

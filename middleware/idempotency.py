@@ -10,6 +10,10 @@ from dramatiq.logging import get_logger
 from dramatiq.middleware import MiddlewareError
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class DuplicateEvent(MiddlewareError):
     """This event_id was already enqueued within the window; `WhiskyPayActor.send` returns without enqueuing."""
 
@@ -38,7 +42,7 @@ class IdempotentEnqueue(Middleware):
         if broker.client.set(key, message.message_id, nx=True, ex=self.window_s):
             return
         holder = broker.client.get(key)
-        if holder is not None and holder.decode() == message.message_id:
+        if holder is not None and _text(holder) == message.message_id:
             return
         raise DuplicateEvent(f"{message.actor_name}: event_id {message.kwargs['event_id']!r} was already enqueued")
 
@@ -46,5 +50,6 @@ class IdempotentEnqueue(Middleware):
         """Drop message's reservation if it still holds it (its enqueue failed)."""
         if message.kwargs.get("event_id") and isinstance(broker, RedisBroker):
             key = self._key(broker, message)
-            if broker.client.get(key) == message.message_id.encode():
+            holder = broker.client.get(key)
+            if holder is not None and _text(holder) == message.message_id:
                 broker.client.delete(key)

@@ -14,9 +14,9 @@ import dataclasses
 import random
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
-from dramatiq import Broker, Middleware, Retry
+from dramatiq import Broker, Message, Middleware, Retry
 from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.logging import get_logger
@@ -82,7 +82,7 @@ class QueueRetryPolicy(Middleware):
             return
         if isinstance(exception, Deferred):
             self.logger.debug("Deferring %s by %d ms: %s", describe_message(message), exception.delay, exception)
-            broker.enqueue(message, delay=exception.delay)
+            broker.enqueue(cast("Message[Any]", message), delay=exception.delay)
             return
         actor = broker.get_actor(message.actor_name)
         message.options["traceback"] = error_summary(exception)
@@ -112,4 +112,4 @@ class QueueRetryPolicy(Middleware):
         message.options["retries"] = retries + 1
         message.options["requeue_timestamp"] = int(time.time() * 1000)
         self.logger.info("Retrying %s in %d ms (attempt %d failed).", describe_message(message), delay, retries + 1)
-        broker.enqueue(message, delay=delay)
+        broker.enqueue(cast("Message[Any]", message), delay=delay)

@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 from dramatiq import Message
-from dramatiq.broker import MessageProxy
+from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer, _scripts
 from dramatiq.common import compute_backoff, current_millis, q_name
 from dramatiq.errors import DecodeError
@@ -156,7 +156,7 @@ class WhiskyPayRedisBroker(RedisBroker):
     def __init__(
         self, *, maintenance_interval_ms: int = 10_000, max_message_bytes: int | None = None, **kwargs: Any
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self.maintenance_interval_ms = maintenance_interval_ms
         self.max_message_bytes = max_message_bytes
         self.enqueue_waits_for_redis = False
@@ -190,7 +190,7 @@ class WhiskyPayRedisBroker(RedisBroker):
             self.heartbeat_timeout,
             self.dead_message_ttl,
             self._maintenance_due(command, queue_name),
-            self._max_unpack_size(),
+            self._max_unpack_size(),  # type: ignore[no-untyped-call]
             *args,
         ]
 
@@ -203,7 +203,7 @@ class WhiskyPayRedisBroker(RedisBroker):
 
         return do_dispatch
 
-    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> _RedisConsumer:
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         # Only worker processes consume: from here on this process's enqueues are retries and delayed
         # messages coming due, which must wait out a Redis outage rather than fail (see do_enqueue).
         self.enqueue_waits_for_redis = True
@@ -249,8 +249,8 @@ class WhiskyPayRedisBroker(RedisBroker):
         messages = f"{self.namespace}:{queue_name}.msgs"
         for raw_id in self.client.smembers(acks):
             if self.client.hget(messages, raw_id) == data:
-                redis_id = raw_id.decode()
-                placeholder = Message(
+                redis_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                placeholder: Message[Any] = Message(
                     queue_name=q_name(queue_name),
                     actor_name=UNDECODABLE_ACTOR,
                     args=(),
@@ -275,23 +275,23 @@ class WhiskyPayRedisBroker(RedisBroker):
         return False
 
 
-class _WakingConsumer(_RedisConsumer):  # type: ignore[misc]
+class _WakingConsumer(_RedisConsumer):
     """Dramatiq's Redis consumer that waits on a wake-up event instead of sleeping, and survives poison."""
 
     def __init__(self, broker: WhiskyPayRedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
-        super().__init__(broker, queue_name, prefetch, timeout)
+        super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
         self.wake = threading.Event()
         broker.waker.register(queue_name, self.wake)
 
     def ack(self, message: MessageProxy) -> None:
         try:
-            super().ack(message)
+            super().ack(message)  # type: ignore[no-untyped-call]
         finally:
             self.wake.set()
 
     def nack(self, message: MessageProxy) -> None:
         try:
-            super().nack(message)
+            super().nack(message)  # type: ignore[no-untyped-call]
         finally:
             self.wake.set()
 

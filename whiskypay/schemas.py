@@ -185,6 +185,6 @@ def describe(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def validate_args(model: type[_Schema], arguments: dict[str, Any], *, https_only: bool) -> _Schema:
+def validate_args(model: type[BaseModel], arguments: dict[str, Any], *, https_only: bool) -> BaseModel:
     """Validate one call's arguments against model; raise ValidationError."""
     return model.model_validate(arguments, context={"https_only": https_only})
