@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import functools
+import os
 import re
+import ssl
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -112,6 +114,8 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = None
     smtp_tls: Literal["off", "starttls", "ssl"] = "off"
     smtp_timeout_s: float = Field(default=30.0, gt=0)
+    #: A PEM file of CA certificates to verify the relay with, instead of the system's (for a private CA).
+    smtp_ca_file: str | None = None
     mail_from: str | None = None
 
     # Error reporting.
@@ -171,6 +175,24 @@ class Settings(BaseSettings):
     def _redis_url_scheme(cls, value: SecretStr) -> SecretStr:
         if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("smtp_ca_file")
+    @classmethod
+    def _ca_file_loads(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not os.path.isfile(value) or not os.access(value, os.R_OK):
+            raise ValueError(
+                f"{value!r} is not a readable file; give the path of a PEM file of CA certificates, "
+                "or unset it to verify the relay with the system's CAs"
+            )
+        try:
+            ssl.create_default_context(cafile=value)
+        except ssl.SSLError:
+            raise ValueError(
+                f"{value!r} holds no PEM CA certificate; give a PEM bundle (-----BEGIN CERTIFICATE----- blocks)"
+            ) from None
         return value
 
     @field_validator("mail_from")

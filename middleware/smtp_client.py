@@ -25,6 +25,7 @@ class SmtpClients(Middleware):
       host, port, tls ("off", "starttls", "ssl"), username, password: The relay.
       timeout_s: Socket timeout for every SMTP command, in seconds.
       mail_from: The envelope and From address.
+      ca_file: A PEM file of CA certificates to verify the relay with; None for the system's CAs.
     """
 
     def __init__(
@@ -37,12 +38,14 @@ class SmtpClients(Middleware):
         password: str | None,
         timeout_s: float,
         mail_from: str | None,
+        ca_file: str | None = None,
     ) -> None:
         self.logger = get_logger(__name__, type(self))
         self.host, self.port, self.tls = host, port, tls
         self.username, self._password = username, password
         self.timeout_s = timeout_s
         self.mail_from = mail_from
+        self.ca_file = ca_file
         self._local = threading.local()
         self._connections: list[smtplib.SMTP] = []
         self._lock = threading.Lock()
@@ -61,7 +64,7 @@ class SmtpClients(Middleware):
     def _connect(self) -> smtplib.SMTP:
         conn = open_smtp(
             host=self.host, port=self.port, tls=self.tls, username=self.username, password=self._password,
-            timeout_s=self.timeout_s,
+            timeout_s=self.timeout_s, ca_file=self.ca_file,
         )
         self._local.conn = conn
         with self._lock:

@@ -27,10 +27,10 @@ from whiskypay.ops import (
     decode_dead_letter,
     encode_message,
     format_table,
-    redact_url,
     redriven,
     shorten,
 )
+from whiskypay.redaction import redact_url
 
 SECRET = TEST_SECRET
 BUYER = "buyer@example.com"

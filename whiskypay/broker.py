@@ -24,7 +24,7 @@ from middleware.smtp_client import SmtpClients
 from middleware.validation import PayloadValidation
 from settings import Settings
 from whiskypay.queues import Queue
-from whiskypay.redaction import install_log_redaction
+from whiskypay.redaction import install_log_redaction, url_password
 from whiskypay.redis_broker import WhiskyPayRedisBroker
 from whiskypay.retrying import policies_from_settings
 from whiskypay.schemas import CallbackArgs, EmailArgs
@@ -45,10 +45,8 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 def secrets_of(settings: Settings) -> tuple[str, ...]:
     """Return every secret value of settings, for scrubbing."""
-    values = [settings.redis_url.get_secret_value() if "@" in settings.redis_url.get_secret_value() else ""]
-    client = redis_client(settings)
-    password = client.connection_pool.connection_kwargs.get("password")
-    values.append(password or "")
+    url = settings.redis_url.get_secret_value()
+    values = [url if "@" in url else "", url_password(url) or ""]
     for secret in (settings.webhook_secret, settings.smtp_password, settings.sentry_dsn):
         if secret is not None:
             values.append(secret.get_secret_value())
@@ -88,6 +86,7 @@ def build_broker(settings: Settings) -> RedisBroker:
             password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
             timeout_s=settings.smtp_timeout_s,
             mail_from=settings.mail_from,
+            ca_file=settings.smtp_ca_file,
         ),
         # before_enqueue runs in list order: validate first, so an invalid send never reserves its event_id
         # and a duplicate never gets a webhook_id; before_process_message dead-letters invalid messages

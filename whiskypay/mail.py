@@ -69,15 +69,26 @@ def open_smtp(
     username: str | None,
     password: str | None,
     timeout_s: float,
+    ca_file: str | None = None,
 ) -> smtplib.SMTP:
-    """Connect (and log in) to the SMTP relay; raise `SmtpTemporaryError` with the host when it cannot."""
+    """Connect (and log in) to the SMTP relay; raise `SmtpTemporaryError` with the host when it cannot.
+
+    With TLS the relay's certificate must chain to a trusted CA and name host (a failed check is an
+    `ssl.SSLCertVerificationError`, so a `SmtpTemporaryError` naming it).
+
+    Parameters:
+      tls: "off", "starttls" (upgrade a plain connection) or "ssl" (implicit TLS from the first byte).
+      timeout_s: Socket timeout for the connection and every command, in seconds.
+      ca_file: A PEM file of CA certificates to trust instead of the system's; None for the system's.
+    """
     try:
         if tls == "ssl":
-            conn: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=timeout_s, context=ssl.create_default_context())
+            context = ssl.create_default_context(cafile=ca_file)
+            conn: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=timeout_s, context=context)
         else:
             conn = smtplib.SMTP(host, port, timeout=timeout_s)
             if tls == "starttls":
-                conn.starttls(context=ssl.create_default_context())
+                conn.starttls(context=ssl.create_default_context(cafile=ca_file))
         if username:
             conn.login(username, password or "")
         return conn

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import re
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlsplit
 
 from whiskypay.queues import Queue
+from whiskypay.redaction import redact_url, url_password
 
 if TYPE_CHECKING:
     import redis
@@ -77,25 +77,6 @@ class OpsError(Exception):
 # --------------------------------------------------------------------------------------------------------------------
 # pure helpers
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def redact_url(url: str) -> str:
-    """Return url with its password (user-info or `password=` query parameter) replaced by `***`."""
-    netloc = urlsplit(url).netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            url = url.replace(netloc, f"{userinfo.split(':', 1)[0]}:***@{host}", 1)
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
-
-
-def url_password(url: str) -> str | None:
-    """Return the password in url (user-info or `password=` query parameter), or None."""
-    parts = urlsplit(url)
-    if parts.password:
-        return parts.password
-    match = re.search(r"(?i)(?:^|&)password=([^&]*)", parts.query)
-    return match.group(1) if match and match.group(1) else None
 
 
 def format_time(ms: int | None) -> str:

@@ -6,12 +6,32 @@ import logging
 import re
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from dramatiq import Message
 from dramatiq.broker import MessageProxy
 
 _EMAIL = re.compile(r"([^\s@<>\"',;:()\[\]])[^\s@<>\"',;:()\[\]]*@([^\s@<>\"',;:()\[\]]+\.[^\W\d_]{2,})")
 _URL_TAIL = re.compile(r"(https?://[^/\s'\"?#]+)[^\s'\"]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """Return url with its password (user-info or `password=` query parameter) replaced by `***`."""
+    netloc = urlsplit(url).netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            url = url.replace(netloc, f"{userinfo.split(':', 1)[0]}:***@{host}", 1)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+
+
+def url_password(url: str) -> str | None:
+    """Return the password in url (user-info or `password=` query parameter), or None."""
+    parts = urlsplit(url)
+    if parts.password:
+        return parts.password
+    match = re.search(r"(?i)(?:^|&)password=([^&]*)", parts.query)
+    return match.group(1) if match and match.group(1) else None
 
 
 def mask_email(address: str) -> str:
