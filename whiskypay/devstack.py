@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -657,7 +658,13 @@ class _SinkController(Controller):
         # We bind port 0 to avoid races; learn the real port before aiosmtpd connects to itself.
         if self.port == 0 and isinstance(self.server, asyncio.Server) and self.server.sockets:
             self.port = int(self.server.sockets[0].getsockname()[1])
-        with socket.create_connection((self.hostname, self.port), 1.0) as sock:  # what aiosmtpd does, minus TLS
+        with contextlib.ExitStack() as stack:  # what aiosmtpd does
+            sock = stack.enter_context(socket.create_connection((self.hostname, self.port), 1.0))
+            if self.ssl_context is not None:  # implicit TLS: the probe must handshake before the greeting
+                probe = ssl.create_default_context()
+                probe.check_hostname = False
+                probe.verify_mode = ssl.CERT_NONE  # a loopback liveness probe of our own server, not a client
+                sock = stack.enter_context(probe.wrap_socket(sock))
             sock.recv(1024)
 
 
@@ -666,9 +673,12 @@ class SmtpSink:
 
     Parameters:
         port: port to bind; 0 (default) picks a free one.
-        username: require AUTH (LOGIN/PLAIN, no TLS) with this user.
+        username: require AUTH (LOGIN/PLAIN; after STARTTLS when tls is "starttls") with this user.
         password: ... and this password.
         maildir: also write each message as a ``.eml`` file into this directory.
+        tls: "off"; "starttls" (offered, and required before any mail or AUTH); or "ssl" (implicit TLS).
+        cert_file: PEM certificate chain the server presents (required unless tls is "off").
+        key_file: PEM private key of cert_file (None when cert_file holds it too).
     """
 
     def __init__(
@@ -678,8 +688,18 @@ class SmtpSink:
         username: str | None = None,
         password: str | None = None,
         maildir: str | None = None,
+        tls: str = "off",
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
+        if tls not in ("off", "starttls", "ssl"):
+            raise ValueError(f"tls must be 'off', 'starttls' or 'ssl', not {tls!r}")
+        if tls != "off" and cert_file is None:
+            raise ValueError(f"tls={tls!r} needs cert_file (and key_file) for the server's certificate")
         self.host = "127.0.0.1"
+        self.tls = tls
+        self.cert_file = cert_file
+        self.key_file = key_file
         self._requested_port = port
         self.port: int = 0
         self.username = username
@@ -785,11 +805,19 @@ class SmtpSink:
         if self._controller is not None:
             return self
         kwargs: dict[str, Any] = {"server_hostname": "whiskypay-smtp-sink", "decode_data": False}
+        if self.tls != "off":
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # no client certificates asked
+            context.load_cert_chain(str(self.cert_file), self.key_file)
+            if self.tls == "starttls":
+                kwargs.update(tls_context=context, require_starttls=True)
+            else:
+                kwargs.update(ssl_context=context)
         if self.username is not None:
             kwargs.update(
                 authenticator=self._authenticate,
                 auth_required=True,
-                auth_require_tls=False,
+                # aiosmtpd only knows about STARTTLS: over implicit TLS it would refuse AUTH as unencrypted.
+                auth_require_tls=self.tls == "starttls",
             )
         mail_log = logging.getLogger("mail.log")
         if mail_log.level == logging.NOTSET:

@@ -81,10 +81,11 @@ def open_smtp(
       timeout_s: Socket timeout for the connection and every command, in seconds.
       ca_file: A PEM file of CA certificates to trust instead of the system's; None for the system's.
     """
+    conn: smtplib.SMTP | None = None
     try:
         if tls == "ssl":
             context = ssl.create_default_context(cafile=ca_file)
-            conn: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=timeout_s, context=context)
+            conn = smtplib.SMTP_SSL(host, port, timeout=timeout_s, context=context)
         else:
             conn = smtplib.SMTP(host, port, timeout=timeout_s)
             if tls == "starttls":
@@ -93,6 +94,8 @@ def open_smtp(
             conn.login(username, password or "")
         return conn
     except (smtplib.SMTPException, OSError) as exc:
+        if conn is not None:
+            conn.close()  # a refused STARTTLS or login leaves the plain socket open otherwise
         raise classify_smtp_error(exc, host=host) from None
 
 
