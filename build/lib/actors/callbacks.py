@@ -1,0 +1,65 @@
+"""send_callback: deliver the signed payment webhook to the merchant (queue callbackQueue)."""
+
+from __future__ import annotations
+
+import json
+import time
+from urllib.parse import urlsplit
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+
+from middleware.http_client import HttpClients
+from middleware.signing import WebhookSigning
+from whiskypay.actor import WhiskyPayActor
+from whiskypay.broker import middleware_of
+from whiskypay.errors import Deferred, PermanentError
+from whiskypay.queues import Queue
+from whiskypay.redaction import scrub_text
+
+logger = dramatiq.get_logger(__name__)
+
+
+def webhook_body(*, email: str, plan: str, price: int | float, timestamp: str | None) -> bytes:
+    """Return the seed's webhook body: email, plan, price, status "success", timestamp (compact JSON)."""
+    payload = {"email": email, "plan": plan, "price": price, "status": "success", "timestamp": timestamp}
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dramatiq.actor(
+    actor_class=WhiskyPayActor, actor_name="send_callback", queue_name=Queue.CALLBACKS, throws=(PermanentError,)
+)
+def send_callback(
+    *,
+    callback_url: str,
+    email: str,
+    plan: str,
+    price: int | float,
+    timestamp: str | None = None,
+    event_id: str | None = None,
+) -> None:
+    """POST the signed payment webhook to callback_url once; raise a classified error when it fails."""
+    broker = dramatiq.get_broker()
+    message = CurrentMessage.get_current_message()
+    message_id = message.message_id if message else "direct-call"
+    webhook_id = (message.options.get("webhook_id") if message else None) or event_id or f"msg_{message_id}"
+    attempt = (message.options.get("retries", 0) if message else 0) + 1
+    body = webhook_body(email=email, plan=plan, price=price, timestamp=timestamp)
+    headers = middleware_of(broker, WebhookSigning).headers(webhook_id, body)
+    host = urlsplit(callback_url).hostname
+    started = time.perf_counter()
+    try:
+        result = middleware_of(broker, HttpClients).post(callback_url, body, headers)
+    except Deferred:
+        raise
+    except Exception as exc:
+        status = getattr(exc, "tags", {}).get("http_status", "-")
+        logger.warning(
+            "webhook message=%s host=%s status=%s duration_ms=%.0f attempt=%d failed: %s",
+            message_id, host, status, (time.perf_counter() - started) * 1000, attempt, scrub_text(str(exc)),
+        )
+        raise
+    logger.info(
+        "webhook message=%s host=%s status=%d duration_ms=%.0f attempt=%d delivered",
+        message_id, host, result.status, result.duration_ms, attempt,
+    )

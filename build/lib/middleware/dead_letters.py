@@ -1,0 +1,38 @@
+"""DeadLetterReasons: a failed message goes to the dead-letter queue carrying its last error and failure time."""
+
+from __future__ import annotations
+
+import time
+
+from dramatiq import Broker, Middleware
+from dramatiq.broker import MessageProxy
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.logging import get_logger
+
+from whiskypay.redaction import error_summary
+
+
+class DeadLetterReasons(Middleware):
+    """Write a failed message's options (last error, attempts, failed_at) into Redis before it is dead-lettered.
+
+    Dramatiq's Redis broker moves the message *as it was enqueued* to the dead-letter queue, so without this
+    the reason of the final failure is lost. It runs in `before_nack`, the one hook every failure path passes
+    (a spent retry policy, an invalid message, an actor this process does not know), so a message without a
+    reason yet gets the exception Dramatiq stored on it.
+    """
+
+    def __init__(self) -> None:
+        self.logger = get_logger(__name__, type(self))
+
+    def before_nack(self, broker: Broker, message: MessageProxy) -> None:
+        redis_id = message.options.get("redis_message_id")
+        if not isinstance(broker, RedisBroker) or not redis_id:
+            return
+        if "traceback" not in message.options:
+            exception = getattr(message, "_exception", None)
+            message.options["traceback"] = error_summary(exception) if exception else "failed without an error"
+            message.options["failure_class"] = type(exception).__name__ if exception else "Unknown"
+        message.options["failed_at"] = int(time.time() * 1000)
+        key = f"{broker.namespace}:{message.queue_name}.msgs"
+        if broker.client.hexists(key, redis_id):
+            broker.client.hset(key, redis_id, message.encode())

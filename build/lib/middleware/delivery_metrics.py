@@ -1,0 +1,109 @@
+"""DeliveryMetrics: whiskypay_deliveries_total{queue, outcome} and whiskypay_delivery_seconds{queue} for Prometheus."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from dramatiq import Broker, Middleware
+from dramatiq.broker import MessageProxy
+from dramatiq.common import q_name
+from dramatiq.logging import get_logger
+
+from middleware.metrics_exporter import use_multiprocess_dir
+
+#: The outcomes counted, one per processed attempt.
+OUTCOMES = ("delivered", "retried", "failed")
+
+#: Histogram buckets of whiskypay_delivery_seconds, in seconds: webhooks answer in ms, slow merchants in seconds,
+#: and our HTTP and SMTP timeouts end attempts at 15 to 30 s.
+BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0)
+
+
+class DeliveryMetrics(Middleware):
+    """Count each attempt's outcome and time it, per queue, into the Prometheus multiprocess directory.
+
+    An attempt that succeeded is "delivered"; one that raised and was enqueued again is "retried"; one that was
+    failed (dead-lettered: retries spent, a `throws` error, an invalid message) is "failed". The outcome is
+    settled in after_ack/after_nack, which run once every after_process_message hook (QueueRetryPolicy's
+    included) has decided `message.failed`, wherever this middleware sits in the list. Messages skipped without
+    failing (periodiq's stale ticks) count as nothing. Metrics exist only in worker processes (after_process_boot);
+    elsewhere every hook is a no-op. `MetricsExporter`'s fork serves them.
+
+    Parameters:
+      queues: The queues counted (others, like the maintenance queue, are ignored).
+      clock: Monotonic seconds, for the processing time.
+    """
+
+    def __init__(self, *, queues: Iterable[str], clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = get_logger(__name__, type(self))
+        self.queues = frozenset(str(queue) for queue in queues)
+        self.clock = clock
+        self._lock = threading.Lock()
+        #: message_id -> (queue, processing started at, raised?); filled by the worker threads, settled at ack/nack.
+        self._attempts: dict[str, tuple[str, float, bool]] = {}
+        self.deliveries: Any = None
+        self.delivery_seconds: Any = None
+
+    def after_process_boot(self, broker: Broker) -> None:
+        use_multiprocess_dir()  # before the first import of prometheus_client, which reads it once
+        import prometheus_client
+
+        registry = prometheus_client.CollectorRegistry()
+        self.deliveries = prometheus_client.Counter(
+            "whiskypay_deliveries", "Processed attempts by outcome: delivered, retried or failed (dead-lettered).",
+            ["queue", "outcome"], registry=registry,
+        )
+        self.delivery_seconds = prometheus_client.Histogram(
+            "whiskypay_delivery_seconds", "Processing time of one attempt, in seconds.",
+            ["queue"], buckets=BUCKETS_S, registry=registry,
+        )
+
+    def _queue(self, message: MessageProxy) -> str | None:
+        queue = q_name(message.queue_name)
+        return queue if self.deliveries is not None and queue in self.queues else None
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        queue = self._queue(message)
+        if queue is not None:
+            with self._lock:
+                self._attempts[message.message_id] = (queue, self.clock(), False)
+
+    def after_process_message(
+        self, broker: Broker, message: MessageProxy, *, result: object = None, exception: BaseException | None = None
+    ) -> None:
+        with self._lock:
+            attempt = self._attempts.get(message.message_id)
+            if attempt is None:
+                return
+            queue, started, _ = attempt
+            self._attempts[message.message_id] = (queue, started, exception is not None)
+        self.delivery_seconds.labels(queue).observe(max(0.0, self.clock() - started))
+
+    def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
+        # A skipped message that was failed (an invalid one) is settled at nack; forget the others.
+        if not message.failed:
+            with self._lock:
+                self._attempts.pop(message.message_id, None)
+        elif (queue := self._queue(message)) is not None:
+            with self._lock:
+                self._attempts.setdefault(message.message_id, (queue, self.clock(), True))
+
+    def after_ack(self, broker: Broker, message: MessageProxy) -> None:
+        if message.queue_name != q_name(message.queue_name):
+            return  # a delayed copy handed over to its queue: same message_id as the attempt that may be running
+        with self._lock:
+            attempt = self._attempts.pop(message.message_id, None)
+        if attempt is not None:
+            queue, _, raised = attempt
+            self.deliveries.labels(queue, "retried" if raised else "delivered").inc()
+
+    def after_nack(self, broker: Broker, message: MessageProxy) -> None:
+        if message.queue_name != q_name(message.queue_name):
+            return
+        with self._lock:
+            attempt = self._attempts.pop(message.message_id, None)
+        if attempt is not None:
+            self.deliveries.labels(attempt[0], "failed").inc()

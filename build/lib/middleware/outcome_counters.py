@@ -1,0 +1,113 @@
+"""OutcomeCounters: count completed and finally failed messages per queue, for `whiskypay status`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import redis
+from dramatiq import Broker, Middleware, Worker
+from dramatiq.broker import MessageProxy
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import q_name
+from dramatiq.logging import get_logger
+
+#: The counters' hash is `<namespace>:whiskypay.stats:<queue>`, with fields `completed`, `failed` (counts)
+#: and `started_at` (unix seconds of the first count: the counts are "since" then).
+STATS_KEY = "whiskypay.stats"
+
+
+def stats_key(namespace: str, queue_name: str) -> str:
+    """Return the Redis key of queue_name's counters hash (a delay queue counts as its queue)."""
+    return f"{namespace}:{STATS_KEY}:{q_name(queue_name)}"
+
+
+class OutcomeCounters(Middleware):
+    """HINCRBY `completed` when a message succeeds and `failed` when it is failed (dead-lettered) for good.
+
+    Dramatiq keeps no count of completed messages, so this does. An attempt that will be retried counts as
+    neither. Listed before the middleware that decide `message.failed`, so its after-hooks run after theirs.
+    Counts are added up in memory and written by a background thread every flush_interval_s (and at worker
+    shutdown), so counting costs no Redis round trip per message; a killed worker loses at most that
+    interval's counts. Outside a worker (tests calling the hooks) a count past the interval also flushes.
+    A Redis error here never breaks processing: the counts are kept for the next flush, logged once.
+
+    Parameters:
+      clock: Unix seconds, for `started_at` and the flush interval; injected for tests.
+      flush_interval_s: The longest time a count waits in memory, in seconds.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time, flush_interval_s: float = 1.0) -> None:
+        self.logger = get_logger(__name__, type(self))
+        self.clock = clock
+        self.flush_interval_s = flush_interval_s
+        self._pending: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()
+        self._last_flush = clock()
+        self._error_logged = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _count(self, broker: Broker, message: MessageProxy, field: str) -> None:
+        if not isinstance(broker, RedisBroker):
+            return
+        with self._lock:
+            self._pending[stats_key(broker.namespace, message.queue_name), field] += 1
+        if self.clock() - self._last_flush >= self.flush_interval_s:
+            self.flush(broker)
+
+    def flush(self, broker: Broker) -> None:
+        """Write the counts gathered so far to Redis (one pipeline); keep them if Redis fails."""
+        if not isinstance(broker, RedisBroker) or not self._flushing.acquire(blocking=False):
+            return  # another thread is flushing
+        try:
+            with self._lock:
+                pending, self._pending = self._pending, Counter()
+                self._last_flush = self.clock()
+            if not pending:
+                return
+            pipe = broker.client.pipeline(transaction=False)
+            for (key, field), count in pending.items():
+                pipe.hincrby(key, field, count)
+                pipe.hsetnx(key, "started_at", int(self.clock()))
+            try:
+                pipe.execute()
+            except redis.RedisError as exc:  # a count must never fail or retry a message: keep it for later
+                with self._lock:
+                    self._pending.update(pending)
+                if not self._error_logged:
+                    self._error_logged = True
+                    keys = ", ".join(sorted({key for key, _ in pending}))
+                    self.logger.debug("Could not count outcomes in %s: %s", keys, type(exc).__name__)
+        finally:
+            self._flushing.release()
+
+    def after_process_message(
+        self, broker: Broker, message: MessageProxy, *, result: object = None, exception: BaseException | None = None
+    ) -> None:
+        if exception is None:
+            self._count(broker, message, "completed")
+        elif message.failed:
+            self._count(broker, message, "failed")
+
+    def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
+        if message.failed:
+            self._count(broker, message, "failed")
+
+    def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        def flush_periodically() -> None:
+            while not self._stop.wait(self.flush_interval_s):
+                self.flush(broker)
+
+        self._stop.clear()
+        self._thread = threading.Thread(target=flush_periodically, name="whiskypay-counters", daemon=True)
+        self._thread.start()
+
+    def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.flush(broker)

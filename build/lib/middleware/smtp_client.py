@@ -1,0 +1,116 @@
+"""SmtpClients: one SMTP connection per worker thread, reused across messages and reopened when dropped."""
+
+from __future__ import annotations
+
+import smtplib
+import threading
+from email.message import EmailMessage
+
+from dramatiq import Broker, Middleware, Worker
+from dramatiq.logging import get_logger
+
+from middleware.signing import WorkerStartRefused
+from whiskypay.mail import classify_smtp_error, open_smtp
+from whiskypay.queues import Queue
+
+
+class SmtpClients(Middleware):
+    """Own this worker process's SMTP connections and send emails over them.
+
+    A connection the server dropped (idle timeout, restart) is reopened once, transparently; any other failure
+    is raised as SmtpPermanentError (5xx) or SmtpTemporaryError. A worker that consumes emailQueue refuses to
+    start without a sender address.
+
+    Parameters:
+      host, port, tls ("off", "starttls", "ssl"), username, password: The relay.
+      timeout_s: Socket timeout for every SMTP command, in seconds.
+      mail_from: The envelope and From address.
+      ca_file: A PEM file of CA certificates to verify the relay with; None for the system's CAs.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        tls: str,
+        username: str | None,
+        password: str | None,
+        timeout_s: float,
+        mail_from: str | None,
+        ca_file: str | None = None,
+    ) -> None:
+        self.logger = get_logger(__name__, type(self))
+        self.host, self.port, self.tls = host, port, tls
+        self.username, self._password = username, password
+        self.timeout_s = timeout_s
+        self.mail_from = mail_from
+        self.ca_file = ca_file
+        self._local = threading.local()
+        self._connections: list[smtplib.SMTP] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SmtpClients(host={self.host!r}, port={self.port})"
+
+    def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        queues = worker.consumer_whitelist
+        if (queues is None or Queue.EMAIL in queues) and not self.mail_from:
+            raise WorkerStartRefused(
+                "WHISKYPAY_MAIL_FROM is not set: the email worker needs a sender address, "
+                "e.g. WHISKYPAY_MAIL_FROM=payments@your-domain.example."
+            )
+
+    def _connect(self) -> smtplib.SMTP:
+        conn = open_smtp(
+            host=self.host, port=self.port, tls=self.tls, username=self.username, password=self._password,
+            timeout_s=self.timeout_s, ca_file=self.ca_file,
+        )
+        self._local.conn = conn
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def _drop(self, conn: smtplib.SMTP) -> None:
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        try:
+            conn.close()
+        except OSError:
+            pass
+        self._local.conn = None
+
+    def send(self, email: EmailMessage) -> None:
+        """Send email from mail_from over this thread's connection."""
+        assert self.mail_from is not None
+        conn: smtplib.SMTP | None = getattr(self._local, "conn", None)
+        fresh = conn is None
+        if conn is None:
+            conn = self._connect()
+        try:
+            conn.send_message(email, from_addr=self.mail_from)
+        except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            self._drop(conn)
+            if fresh:
+                raise classify_smtp_error(exc, host=self.host) from None
+            self.logger.debug("SMTP connection to %s was closed; reconnecting.", self.host)
+            conn = self._connect()
+            try:
+                conn.send_message(email, from_addr=self.mail_from)
+            except (smtplib.SMTPException, OSError) as retry_exc:
+                self._drop(conn)
+                raise classify_smtp_error(retry_exc, host=self.host) from None
+        except (smtplib.SMTPException, OSError) as exc:
+            if not isinstance(exc, smtplib.SMTPResponseException | smtplib.SMTPRecipientsRefused):
+                self._drop(conn)
+            raise classify_smtp_error(exc, host=self.host) from None
+
+    def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            try:
+                conn.quit()
+            except (smtplib.SMTPException, OSError):
+                conn.close()

@@ -1,0 +1,88 @@
+"""PayloadValidation: every actor's arguments checked against its pydantic schema, at send() and before running."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from dramatiq import Broker, Message, Middleware
+from dramatiq.broker import MessageProxy
+from dramatiq.logging import get_logger
+from dramatiq.middleware import SkipMessage
+from pydantic import BaseModel, ValidationError
+
+from whiskypay.schemas import InvalidPayload, describe, validate_args
+
+
+def _utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class PayloadValidation(Middleware):
+    """Refuse bad arguments at `send()` (raise `InvalidPayload`, nothing enqueued) and dead-letter bad messages.
+
+    At enqueue it also fills an omitted `timestamp` with the send time (UTC, ISO-8601); the broker bounds the
+    size of the encoded message (`WhiskyPayRedisBroker`, which sees the bytes without encoding them twice).
+    In the worker, a message that fails its schema is failed without running and its reason is stored in its
+    `traceback` option for the dead-letter queue.
+
+    Parameters:
+      schemas: Actor name to pydantic model of its arguments; other actors pass unchecked.
+      https_only: Refuse http:// callback URLs.
+      now_iso: The clock for default timestamps.
+    """
+
+    def __init__(
+        self,
+        *,
+        schemas: Mapping[str, type[BaseModel]],
+        https_only: bool,
+        now_iso: Callable[[], str] = _utc_now_iso,
+    ) -> None:
+        self.logger = get_logger(__name__, type(self))
+        self.schemas = dict(schemas)
+        self.https_only = https_only
+        self.now_iso = now_iso
+
+    def _arguments(self, message: Message[Any] | MessageProxy) -> dict[str, Any]:
+        if message.args:
+            raise ValueError(
+                f"arguments: {len(message.args)} given by position; pass every argument by keyword, "
+                f"e.g. {message.actor_name}.send(callback_url=..., ...)"
+            )
+        if not isinstance(message.kwargs, dict):
+            raise ValueError("arguments: the keyword arguments are not an object")
+        return dict(message.kwargs)
+
+    def _problem(self, broker: Broker, message: Message[Any] | MessageProxy) -> str | None:
+        schema = self.schemas.get(message.actor_name)
+        if schema is None:
+            return None
+        try:
+            validate_args(schema, self._arguments(message), https_only=self.https_only)
+        except ValidationError as exc:
+            return describe(exc)
+        except ValueError as exc:
+            return str(exc)
+        except Exception as exc:  # fail closed: Dramatiq ignores other errors from hooks, which would let it through
+            return f"arguments: could not be validated ({type(exc).__name__})"
+        return None
+
+    def before_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
+        if message.actor_name not in self.schemas or "retries" in message.options:
+            return  # a retry or a delayed message coming due was checked at its first send
+        problem = self._problem(broker, message)
+        if problem:
+            raise InvalidPayload(f"{message.actor_name}: {problem}. Nothing was enqueued; fix the caller.")
+        if "timestamp" in self.schemas[message.actor_name].model_fields and message.kwargs.get("timestamp") is None:
+            message.kwargs["timestamp"] = self.now_iso()
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        problem = self._problem(broker, message)
+        if problem:
+            self.logger.warning("Dead-lettering invalid message %s: %s", message.message_id, problem)
+            message.options["traceback"] = f"InvalidMessage: {problem}"
+            message.options["failure_class"] = "InvalidMessage"
+            message.fail()
+            raise SkipMessage(problem)

@@ -1,0 +1,134 @@
+"""The broker factory: the one place that lists every middleware, in order."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from typing import TypeVar
+
+import redis
+from dramatiq import Broker, Middleware
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
+from periodiq import PeriodiqMiddleware
+
+from middleware.dead_letters import DeadLetterReasons
+from middleware.delivery_metrics import DeliveryMetrics
+from middleware.http_client import HttpClients
+from middleware.idempotency import IdempotentEnqueue
+from middleware.metrics_exporter import MetricsExporter
+from middleware.outcome_counters import OutcomeCounters
+from middleware.retry_policy import QueueRetryPolicy
+from middleware.sentry import SentryReporting
+from middleware.signing import WebhookSigning
+from middleware.smtp_client import SmtpClients
+from middleware.validation import PayloadValidation
+from settings import Settings
+from whiskypay.queues import Queue
+from whiskypay.redaction import install_log_redaction, url_password
+from whiskypay.redis_broker import WhiskyPayRedisBroker
+from whiskypay.retrying import policies_from_settings
+from whiskypay.schemas import CallbackArgs, EmailArgs
+
+M = TypeVar("M", bound=Middleware)
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """Return a Redis client for the broker URL with bounded connect and read timeouts."""
+    return redis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_connect_timeout=settings.redis_timeout_s,
+        socket_timeout=settings.redis_timeout_s,
+        health_check_interval=30,
+        socket_keepalive=True,
+    )
+
+
+def secrets_of(settings: Settings) -> tuple[str, ...]:
+    """Return every secret value of settings, for scrubbing."""
+    url = settings.redis_url.get_secret_value()
+    values = [url if "@" in url else "", url_password(url) or ""]
+    for secret in (settings.webhook_secret, settings.smtp_password, settings.sentry_dsn):
+        if secret is not None:
+            values.append(secret.get_secret_value())
+            values.extend(secret.get_secret_value().split())
+    return tuple(value for value in values if value)
+
+
+def build_broker(settings: Settings) -> RedisBroker:
+    """Build the RedisBroker every process uses (gateway, workers, scheduler, dashboard, tests)."""
+    middleware: list[Middleware] = [
+        # Dramatiq's defaults, minus Retries (QueueRetryPolicy below takes its place).
+        AgeLimit(),
+        TimeLimit(),
+        ShutdownNotifications(),
+        Callbacks(),
+        Pipelines(),
+        CurrentMessage(),
+        # In EVERY process, not just the scheduler: `periodic=` is an actor option only this middleware declares
+        # (without it, declaring check_queue_health fails with "actor options are undefined"), and in workers it
+        # skips and acks scheduled messages older than 30 s (a backlog after downtime does not run N times).
+        PeriodiqMiddleware(skip_delay=30),
+        OutcomeCounters(),  # early in the list, so its after-hooks run once every later one decided `failed`
+        # Per-process clients: opened lazily per thread, closed after the worker threads joined.
+        HttpClients(
+            allow_private=settings.allow_private_callbacks,
+            connect_timeout_s=settings.webhook_connect_timeout_s,
+            read_timeout_s=settings.webhook_read_timeout_s,
+            max_response_bytes=settings.webhook_max_response_bytes,
+            host_concurrency=settings.webhook_host_concurrency,
+            slow_after_s=settings.webhook_slow_after_s,
+        ),
+        SmtpClients(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            tls=settings.smtp_tls,
+            username=settings.smtp_username,
+            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+            timeout_s=settings.smtp_timeout_s,
+            mail_from=settings.mail_from,
+            ca_file=settings.smtp_ca_file,
+        ),
+        # before_enqueue runs in list order: validate first, so an invalid send never reserves its event_id
+        # and a duplicate never gets a webhook_id; before_process_message dead-letters invalid messages
+        # before anything else looks at them.
+        PayloadValidation(
+            schemas={"send_callback": CallbackArgs, "send_email": EmailArgs},
+            https_only=settings.callback_https_only,
+        ),
+        IdempotentEnqueue(window_s=settings.idempotency_window_s),
+        WebhookSigning(keys=settings.webhook_keys()),
+        # QueueRetryPolicy is last, so its after_process_message runs first (after_* hooks run in reverse):
+        # it decides retry or fail before anything looks at `message.failed`. SentryReporting and
+        # DeadLetterReasons act in before_nack, which every dead-lettered message passes once, in this order:
+        # report first, then store the reason with the message in the dead-letter queue.
+        SentryReporting(
+            dsn=settings.sentry_dsn.get_secret_value() if settings.sentry_dsn else None,
+            environment=settings.environment,
+            release=settings.release or f"whiskypay-workers@{version('whiskypay-workers')}",
+            secrets=secrets_of(settings),
+        ),
+        DeadLetterReasons(),
+        QueueRetryPolicy(policies=policies_from_settings(settings), retry_after_max_ms=settings.retry_after_max_ms),
+    ]
+    if settings.metrics_enabled:
+        # Appended last: their after-hooks run first, so DeliveryMetrics counts outcomes in after_ack/after_nack,
+        # once QueueRetryPolicy has decided. MetricsExporter (Dramatiq's Prometheus) serves both on metrics_port.
+        middleware += [MetricsExporter(), DeliveryMetrics(queues=(Queue.CALLBACKS, Queue.EMAIL))]
+    install_log_redaction(list(Queue))
+    return WhiskyPayRedisBroker(
+        client=redis_client(settings),
+        namespace=settings.namespace,
+        dead_message_ttl=settings.dead_letter_ttl_ms,
+        heartbeat_timeout=settings.heartbeat_timeout_ms,
+        maintenance_interval_ms=settings.maintenance_interval_ms,
+        max_message_bytes=settings.max_message_bytes,
+        middleware=middleware,
+    )
+
+
+def middleware_of(broker: Broker, kind: type[M]) -> M:
+    """Return broker's middleware instance of kind; raise with a fix-it message if it is missing."""
+    for middleware in broker.middleware:
+        if isinstance(middleware, kind):
+            return middleware
+    raise RuntimeError(f"{kind.__name__} is not on the broker; build it with whiskypay.broker.build_broker().")

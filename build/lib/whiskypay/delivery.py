@@ -1,0 +1,82 @@
+"""One webhook attempt over a requests.Session: POST, no redirects, bounded read, classified failure."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import requests
+from urllib3.exceptions import ReadTimeoutError
+
+from whiskypay.errors import DeliveryError, EndpointGone, HttpStatusError, RefusedHost
+from whiskypay.retrying import parse_retry_after_ms
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of one successful attempt."""
+
+    status: int
+    duration_ms: float
+
+
+def post_webhook(
+    session: requests.Session,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    connect_timeout_s: float,
+    read_timeout_s: float,
+    max_response_bytes: int,
+) -> Attempt:
+    """POST body to url once; return on 2xx, raise a classified `WhiskyPayError` otherwise.
+
+    Redirects are not followed (a 3xx is a failure). At most max_response_bytes of the response are read;
+    a longer body closes the connection instead of being read to the end. Error texts carry the host only.
+
+    Parameters:
+      connect_timeout_s, read_timeout_s: Socket timeouts, in seconds.
+      max_response_bytes: The most of the response body read, in bytes.
+    """
+    host = urlsplit(url).hostname or "?"
+    started = time.perf_counter()
+    try:
+        response = session.post(
+            url,
+            data=body,
+            headers={"Content-Type": "application/json", **headers},
+            timeout=(connect_timeout_s, read_timeout_s),
+            allow_redirects=False,
+            stream=True,
+        )
+        try:
+            received = 0
+            deadline = started + connect_timeout_s + read_timeout_s
+            for chunk in response.iter_content(8192):
+                received += len(chunk)
+                # Enough to know the answer: stop at the size cap, or when a trickling body passes the deadline.
+                if received > max_response_bytes or time.perf_counter() > deadline:
+                    break
+        finally:
+            response.close()
+    except RefusedHost:
+        raise
+    except requests.Timeout:
+        raise DeliveryError(f"timed out waiting for {host}", host=host) from None
+    except requests.ConnectionError as exc:
+        if any(isinstance(arg, ReadTimeoutError) for arg in exc.args):
+            raise DeliveryError(f"timed out waiting for {host}", host=host) from None
+        reason = type(exc.__context__ or exc).__name__
+        raise DeliveryError(f"could not connect to {host} ({reason})", host=host) from None
+    except requests.RequestException as exc:
+        raise DeliveryError(f"request to {host} failed ({type(exc).__name__})", host=host) from None
+    duration_ms = (time.perf_counter() - started) * 1000
+    status = response.status_code
+    if 200 <= status < 300:
+        return Attempt(status=status, duration_ms=duration_ms)
+    if status == 410:
+        raise EndpointGone(f"HTTP 410 Gone from {host}: the merchant removed this endpoint", host=host, http_status=410)
+    retry_after = parse_retry_after_ms(response.headers.get("Retry-After"), now=time.time())
+    raise HttpStatusError(f"HTTP {status} from {host}", retry_after_ms=retry_after, host=host, http_status=status)

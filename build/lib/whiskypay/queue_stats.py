@@ -1,0 +1,99 @@
+"""Per-queue counts read straight from the Redis broker's keys: waiting, delayed, in flight, dead-lettered.
+
+The keys (namespace `ns`, queue `Q`), as Dramatiq's dispatch.lua writes them:
+  ns:Q               list of waiting message ids; workers LPOP from the head, so the head is next
+  ns:Q.msgs          hash id -> encoded message, for every message of ns:Q not yet acked
+  ns:Q.DQ            list of delayed messages (retries waiting out their backoff) not yet fetched
+  ns:Q.XQ            zset of dead-lettered ids, score = when they were dead-lettered (ms)
+  ns:__heartbeats__  zset of worker ids, score = last heartbeat (ms)
+  ns:__acks__.W.Q    set of ids worker W fetched from Q and has not acked yet (Q.DQ likewise)
+Workers prefetch: "in flight" counts messages being processed *and* those held in a worker's memory; and a
+worker holds every delayed message it fetched until it is due, so most delayed messages live in
+ns:__acks__.W.Q.DQ rather than in ns:Q.DQ. Both are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """A snapshot of one queue.
+
+    Parameters:
+      queue: The queue name (without the .DQ/.XQ suffixes).
+      waiting: Messages ready to run, not fetched by any worker yet.
+      delayed: Messages waiting out a delay (a retry's backoff), fetched or not.
+      in_flight: Messages fetched from the queue by a worker and not acked yet (running or prefetched).
+      dead_letters: Dead-lettered messages kept in ns:Q.XQ.
+      oldest_wait_ms: How long the next waiting message has been ready, in milliseconds; None if none waits.
+    """
+
+    queue: str
+    waiting: int
+    delayed: int
+    in_flight: int
+    dead_letters: int
+    oldest_wait_ms: int | None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def ready_since_ms(encoded: bytes | str) -> int | None:
+    """Return when an encoded message became ready to run (unix ms): its `eta` if it was delayed, else its creation.
+
+    Parameters:
+      encoded: The message as stored in ns:Q.msgs (Dramatiq's JSON encoding).
+    """
+    try:
+        data = json.loads(encoded)
+        created = int(data.get("message_timestamp") or 0)
+        eta = int((data.get("options") or {}).get("eta") or 0)
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return max(created, eta) or None
+
+
+def queue_counts(client: redis.Redis, namespace: str, queue: str, *, now_ms: int | None = None) -> QueueCounts:
+    """Count one queue's messages in each state; read-only, a handful of commands per live worker.
+
+    Parameters:
+      client: A client on the broker's Redis (bytes or decoded responses).
+      namespace: The broker namespace (WHISKYPAY_NAMESPACE).
+      queue: The queue name, e.g. "callbackQueue".
+      now_ms: The current time in unix milliseconds; the wall clock when None.
+    """
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    base = f"{namespace}:{queue}"
+    workers = [_text(worker) for worker in client.zrange(f"{namespace}:__heartbeats__", 0, -1)]
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(base)
+    pipe.llen(f"{base}.DQ")
+    pipe.zcard(f"{base}.XQ")
+    pipe.lindex(base, 0)
+    for worker in workers:
+        pipe.scard(f"{namespace}:__acks__.{worker}.{queue}")
+        pipe.scard(f"{namespace}:__acks__.{worker}.{queue}.DQ")
+    waiting, delayed, dead, head, *acks = pipe.execute()
+    oldest_wait_ms = None
+    if head is not None:
+        encoded = client.hget(f"{base}.msgs", head)
+        since = ready_since_ms(encoded) if encoded is not None else None
+        if since is not None:
+            oldest_wait_ms = max(0, now_ms - since)
+    return QueueCounts(
+        queue=queue,
+        waiting=int(waiting),
+        delayed=int(delayed) + sum(int(n) for n in acks[1::2]),
+        in_flight=sum(int(n) for n in acks[0::2]),
+        dead_letters=int(dead),
+        oldest_wait_ms=oldest_wait_ms,
+    )

@@ -1,0 +1,190 @@
+"""The argument schema of each actor, as pydantic models, and the error that stops a bad send().
+
+The same models run at `send()` in the gateway (nothing invalid reaches Redis) and before processing in the
+worker (a message from a foreign producer or an old version is dead-lettered with the reason).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import email_validator
+from dramatiq.middleware import MiddlewareError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+#: The longest URL we accept, in characters.
+MAX_URL_LENGTH = 2048
+
+#: The largest price we accept: far above any real payment, far below where floats lose whole units.
+MAX_PRICE = 10**12
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_OR_SPACE = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_EVENT_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+
+
+class InvalidPayload(MiddlewareError):
+    """An actor's arguments failed its schema; nothing was enqueued. The text names each field and problem."""
+
+
+def _no_control_characters(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (CR, LF, tab, NUL...)")
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+def _check_url(value: str, *, https_only: bool, field: str) -> str:
+    if len(value) > MAX_URL_LENGTH:
+        raise ValueError(f"is {len(value)} characters long; the limit is {MAX_URL_LENGTH}")
+    if _CONTROL_OR_SPACE.search(value):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  raises on a malformed port
+    except ValueError:
+        raise ValueError("is not a valid URL") from None
+    allowed = ("https",) if https_only else ("https", "http")
+    if parts.scheme not in allowed:
+        hint = "" if not https_only or field != "callback_url" else " (WHISKYPAY_CALLBACK_HTTPS_ONLY=false allows http)"
+        raise ValueError(f"must be an absolute {' or '.join(allowed)} URL, got scheme {parts.scheme!r}{hint}")
+    if not parts.hostname:
+        raise ValueError("must have a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry credentials (user:password@); use the webhook signature instead")
+    return value
+
+
+Text = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_control_characters)]
+
+# The common case of an email address, checked by regular expression: a dot-atom local part and an ASCII domain
+# of LDH labels under an alphabetic TLD. Anything else (quoted local parts, internationalised or punycode
+# domains, labels with "--") goes to email-validator, which also has the last word on everything this accepts
+# (tests/test_schemas_property.py checks that it never accepts what email-validator refuses). It is here for
+# speed: email-validator costs about 40 us an address, a third of a whole send().
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"(?!-)(?!..--)[A-Za-z0-9-]{1,63}(?<!-)"
+_SIMPLE_EMAIL = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@(?:{_LABEL}\.)+(?P<tld>[A-Za-z]{{2,63}})")
+_SPECIAL_USE_TLDS = frozenset(email_validator.SPECIAL_USE_DOMAIN_NAMES)
+
+
+def check_email(value: str) -> str:
+    """Return value unchanged if it is a deliverable-looking email address; raise ValueError otherwise."""
+    match = _SIMPLE_EMAIL.fullmatch(value)
+    if (
+        match is not None
+        and len(value) <= 254
+        and len(value.partition("@")[0]) <= 64
+        and match.group("tld").lower() not in _SPECIAL_USE_TLDS
+        and "xn--" not in value.lower()
+    ):
+        return value
+    try:
+        email_validator.validate_email(value, check_deliverability=False)
+    except email_validator.EmailNotValidError:
+        raise ValueError("is not a valid email address") from None
+    return value
+
+
+EmailAddress = Annotated[str, Field(max_length=320), AfterValidator(check_email)]
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, str_strip_whitespace=False)
+
+
+class CallbackArgs(_Schema):
+    """Arguments of `send_callback`: the seed's webhook job, plus an optional idempotency key."""
+
+    callback_url: str
+    email: EmailAddress
+    plan: Text
+    price: int | float
+    timestamp: str | None = None
+    event_id: str | None = None
+
+    @field_validator("callback_url")
+    @classmethod
+    def _url(cls, value: str, info: ValidationInfo) -> str:
+        https_only = (info.context or {}).get("https_only", True)
+        return _check_url(value, https_only=https_only, field="callback_url")
+
+    @field_validator("price", mode="before")
+    @classmethod
+    def _price(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("must be a non-negative finite number (int or float)")
+        if (isinstance(value, float) and not math.isfinite(value)) or not 0 <= value <= MAX_PRICE:
+            raise ValueError(f"must be a non-negative finite number no larger than {MAX_PRICE:.0e}")
+        return value
+
+    @field_validator("timestamp")
+    @classmethod
+    def _timestamp(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if len(value) > 40:
+            raise ValueError("is too long for an ISO-8601 timestamp")
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("must be an ISO-8601 timestamp like 2026-11-27T21:00:00Z") from None
+        if parsed.tzinfo is None:
+            raise ValueError("must carry a time zone (Z or +hh:mm)")
+        return value
+
+    @field_validator("event_id")
+    @classmethod
+    def _event_id(cls, value: str | None) -> str | None:
+        if value is not None and not _EVENT_ID.fullmatch(value):
+            raise ValueError("must be 1-128 characters of letters, digits and _ . : -")
+        return value
+
+
+class EmailArgs(_Schema):
+    """Arguments of `send_email`: one payment's buyer receipt and merchant notice."""
+
+    buyer_email: EmailAddress
+    merchant_email: EmailAddress
+    plan: Text
+    saas_name: Text
+    logo_url: str | None = None
+
+    @field_validator("logo_url")
+    @classmethod
+    def _logo(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value, https_only=True, field="logo_url")
+
+
+def describe(error: ValidationError) -> str:
+    """Return "field: problem; field: problem" without echoing the input values (they may be personal data)."""
+    problems = []
+    for item in error.errors(include_input=False, include_url=False):
+        field = ".".join(str(part) for part in item["loc"]) or "arguments"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "is not an argument of this actor"
+        elif item["type"] == "missing":
+            message = "is required"
+        elif message.startswith("value is not a valid email address"):
+            message = "is not a valid email address"  # email-validator's detail quotes parts of the input
+        problems.append(f"{field}: {message}")
+    return "; ".join(problems)
+
+
+def validate_args(model: type[BaseModel], arguments: dict[str, Any], *, https_only: bool) -> BaseModel:
+    """Validate one call's arguments against model; raise ValidationError."""
+    return model.model_validate(arguments, context={"https_only": https_only})
