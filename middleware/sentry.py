@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
 import sentry_sdk
 from dramatiq import Broker, Middleware, Worker
@@ -15,18 +14,12 @@ from dramatiq.middleware import SkipMessage
 from sentry_sdk.integrations.logging import LoggingIntegration
 
 from whiskypay.errors import WhiskyPayError
-from whiskypay.redaction import scrub
+from whiskypay.redaction import scrub, url_host
 
 
 def callback_host(message: MessageProxy) -> str | None:
     """Return the callback URL's host of a send_callback message, or None."""
-    url = message.kwargs.get("callback_url") if isinstance(message.kwargs, dict) else None
-    if not isinstance(url, str):
-        return None
-    try:
-        return urlsplit(url).hostname
-    except ValueError:
-        return None
+    return url_host(message.kwargs.get("callback_url") if isinstance(message.kwargs, dict) else None)
 
 
 class SentryReporting(Middleware):

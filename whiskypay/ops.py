@@ -19,10 +19,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, cast
-from urllib.parse import urlsplit
 
 from whiskypay.queues import Queue
-from whiskypay.redaction import redact_url, url_password
+from whiskypay.redaction import redact_url, url_host, url_password
 
 if TYPE_CHECKING:
     import redis
@@ -203,13 +202,7 @@ class DeadLetter:
     @property
     def callback_host(self) -> str | None:
         """The callback URL's host (never the path or query), or None."""
-        url = self.argument("callback_url")
-        if not isinstance(url, str):
-            return None
-        try:
-            return urlsplit(url).hostname
-        except ValueError:
-            return None
+        return url_host(self.argument("callback_url"))
 
     @property
     def buyer(self) -> str | None:

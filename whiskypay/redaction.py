@@ -34,6 +34,16 @@ def url_password(url: str) -> str | None:
     return match.group(1) if match and match.group(1) else None
 
 
+def url_host(url: object) -> str | None:
+    """Return the host of url (never its path or query), or None if it is not a readable URL."""
+    if not isinstance(url, str):
+        return None
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
+
+
 def mask_email(address: str) -> str:
     """Return "b***@example.com" for "buyer@example.com"."""
     return _EMAIL.sub(r"\1***@\2", address)
