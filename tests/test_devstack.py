@@ -102,6 +102,19 @@ def test_receiver_read_timeout_and_stop_do_not_hang() -> None:
     assert time.monotonic() - t0 < 3
 
 
+def test_receiver_ignores_a_request_cut_off_mid_body(receiver: HttpReceiver) -> None:
+    # Given a client that dies after sending its headers and part of the body (a SIGKILLed worker)
+    import socket
+
+    with socket.create_connection(("127.0.0.1", receiver.port)) as sock:
+        sock.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    # When a whole request follows, then only that one was received
+    requests.post(receiver.url("/hook"), data=b"whole", timeout=5)
+    assert [hit.body for hit in receiver.wait_for(1)] == [b"whole"]
+    time.sleep(0.2)
+    assert [hit.body for hit in receiver.requests()] == [b"whole"]
+
+
 def test_receiver_wait_for_reports_what_arrived(receiver: HttpReceiver) -> None:
     requests.post(receiver.url("/a"), data=b"one", timeout=5)
     with pytest.raises(AssertionError, match="got 0"):

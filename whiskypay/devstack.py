@@ -369,7 +369,8 @@ class _ReceiverHandler(http.server.BaseHTTPRequestHandler):
             super().finish()
         self.server.receiver._track(self.connection, add=False)
 
-    def _read_body(self) -> bytes:
+    def _read_body(self) -> bytes | None:
+        """Return the request body, or None if the client went away before sending all of it."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             chunks: list[bytes] = []
             while True:
@@ -378,13 +379,21 @@ class _ReceiverHandler(http.server.BaseHTTPRequestHandler):
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
                     return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
+                chunk = self.rfile.read(size)
+                if len(chunk) < size:
+                    return None
+                chunks.append(chunk)
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
+        body = self.rfile.read(length) if length > 0 else b""
+        return body if len(body) == length else None
 
     def _handle(self) -> None:
         body = self._read_body()
+        if body is None:
+            # Like any real server, a request cut off mid-body (its client was killed) is not a request.
+            self.close_connection = True
+            return
         received = Received(
             method=self.command,
             path=self.path,
