@@ -256,8 +256,15 @@ def test_a_sigkilled_worker_loses_nothing_and_its_messages_come_back_within_the_
     replacement = start_workers(env=env, processes=1, threads=4)
     # Then every callback arrives at least once, within the heartbeat + maintenance bound after the kill
     bound_s = (HEARTBEAT_MS + MAINTENANCE_MS) / 1000 + 5
+    def everything_arrived_and_the_held_ones_again() -> bool:
+        hits = receiver.requests()
+        redelivered = {hit.headers["webhook-id"] for hit in hits if hit.at >= killed_at}
+        return set(webhook_ids(hits)) >= expected and redelivered >= held
+
     wait_until(
-        lambda: set(webhook_ids(receiver.requests())) >= expected, timeout_s=bound_s + 30, what="all 1,000 webhook-ids"
+        everything_arrived_and_the_held_ones_again,
+        timeout_s=bound_s + 30,
+        what="all 1,000 webhook-ids, and every message the killed worker held once more",
     )
     all_done_s = time.monotonic() - killed_at
     hits = receiver.requests()

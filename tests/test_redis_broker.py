@@ -88,3 +88,22 @@ def test_a_message_for_an_unknown_actor_is_dead_lettered_with_the_reason(redis_c
     start_workers("--queues", "callbackQueue", env=env)
     (letter,) = wait_until(lambda: dead_letters(redis_client, "callbackQueue"), what="a dead letter")
     assert letter["options"]["traceback"].startswith("ActorNotFound: ")
+
+
+def test_a_closing_consumer_hands_back_what_it_fetched_but_had_not_handed_out(redis_client):
+    import actors
+    from actors import send_callback
+    from tests.helpers import queued
+
+    # Given five messages, and a consumer that fetched all five (prefetch 5) and handed out one
+    for _ in range(5):
+        send_callback.send(callback_url="http://127.0.0.1:9/hook", email="b@example.com", plan="p", price=1)
+    consumer = actors.broker.consume("callbackQueue", prefetch=5, timeout=100)
+    first = next(consumer)
+    assert first is not None and queued(redis_client, "callbackQueue") == 0
+    # When it closes (worker shutdown)
+    consumer.close()
+    # Then the four it still held are back in the queue; only the handed-out one waits for its ack
+    assert queued(redis_client, "callbackQueue") == 4
+    acks = f"{NAMESPACE}:__acks__.{actors.broker.broker_id}.callbackQueue"
+    assert redis_client.smembers(acks) == {first.options["redis_message_id"].encode()}

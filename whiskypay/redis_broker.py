@@ -18,6 +18,8 @@ a dead worker's messages) as they are:
   restart drops the delayed retries the worker holds in memory (their acks stay with the live worker, so
   nothing would ever requeue them). And in a worker process an enqueue (a retry being scheduled, a delayed
   message coming due) waits for Redis instead of failing, because the message it carries is acked next.
+- Shutdown. A stopping consumer hands back the messages it fetched but had not handed out yet (stock
+  Dramatiq leaves them to maintenance, a heartbeat timeout later).
 - Poison messages. Stock Dramatiq cannot decode random bytes or wrong-shape JSON; its consumer restarts
   and the message sits unacked forever. Here it is rewritten into a readable placeholder message that
   carries the reason (and the first bytes, base64) and dead-lettered.
@@ -296,8 +298,24 @@ class _WakingConsumer(_RedisConsumer):
             self.wake.set()
 
     def close(self) -> None:
-        self.broker.waker.unregister(self.queue_name, self.wake)
-        super().close()
+        # Stock Dramatiq leaves messages fetched but not yet handed out (the rest of a prefetch batch) in this
+        # worker's acks when it shuts down: they come back only when maintenance declares the worker dead.
+        # Hand them back now, so a SIGTERMed worker's prefetched messages are picked up at once.
+        try:
+            ids = []
+            for data in self.message_cache:
+                try:
+                    ids.append(Message.decode(data).options["redis_message_id"])
+                except (DecodeError, KeyError, TypeError):
+                    continue  # maintenance brings it back, and the next worker dead-letters it
+            self.message_cache = []
+            if ids:
+                self.broker.do_requeue(self.queue_name, *ids)
+        except redis.RedisError:
+            pass  # Redis is gone: maintenance requeues them once this worker's heartbeat stops
+        finally:
+            self.broker.waker.unregister(self.queue_name, self.wake)
+            super().close()
 
     def __next__(self) -> MessageProxy | None:
         try:
