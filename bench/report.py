@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.suite import RESULTS_DIR
+from bench.suite import RESULTS_DIR, format_figure
 
 #: Row titles of the comparison table, in order.
 TITLES = {
@@ -27,16 +27,9 @@ TITLES = {
 }
 
 
-def _n(value: float) -> str:
-    if value >= 100:
-        return f"{value:,.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
-
-
 def _cell(stats: dict[str, Any]) -> str:
-    return f"{_n(stats['median'])} ({_n(stats['min'])}–{_n(stats['max'])})"
+    fig = format_figure
+    return f"{fig(stats['median'])} ({fig(stats['min'])}–{fig(stats['max'])})"
 
 
 def render(results: dict[str, Any]) -> str:

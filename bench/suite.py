@@ -445,7 +445,7 @@ def compare(
     return entry
 
 
-def _fmt(value: float) -> str:
+def format_figure(value: float) -> str:
     if value >= 100:
         return f"{value:,.0f}"
     if value >= 10:
@@ -455,12 +455,12 @@ def _fmt(value: float) -> str:
 
 def line(name: str, entry: dict[str, Any]) -> str:
     """Return the one printed line of a benchmark's figures."""
-    ours, bare = entry["ours"], entry["bare"]
+    ours, bare, fig = entry["ours"], entry["bare"], format_figure
     ratio = entry.get("ratio")
     verdict = {True: "MET", False: "MISSED", None: "-"}[entry["met"]]
     return (
-        f"{name:<24} {entry['unit']:<8} ours {_fmt(ours['median']):>7} [{_fmt(ours['min'])}..{_fmt(ours['max'])}]"
-        f"  bare {_fmt(bare['median']):>7} [{_fmt(bare['min'])}..{_fmt(bare['max'])}]"
+        f"{name:<24} {entry['unit']:<8} ours {fig(ours['median']):>7} [{fig(ours['min'])}..{fig(ours['max'])}]"
+        f"  bare {fig(bare['median']):>7} [{fig(bare['min'])}..{fig(bare['max'])}]"
         f"  ratio {'n/a' if ratio is None else f'{ratio:.2f}'}  target {entry['target']}  {verdict}"
     )
 
@@ -765,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, entry in results.benchmarks.items():
         if name == "threads":
             pts = entry["points"]
-            cells = "  ".join(f"{t}t {_fmt(pts[t]['ours']['median'])}/{_fmt(pts[t]['bare']['median'])}" for t in pts)
+            fig = format_figure
+            cells = "  ".join(f"{t}t {fig(pts[t]['ours']['median'])}/{fig(pts[t]['bare']['median'])}" for t in pts)
             print(f"{'threads (ours/bare)':<24} msg/s    {cells}")
         else:
             print(line(name, entry))
