@@ -40,8 +40,13 @@ def _session() -> requests.Session:
 
 
 @dramatiq.actor(broker=broker, queue_name="callbackQueue", actor_name="bare_callback")
-def bare_callback(callback_url: str, email: str, plan: str, price: float, timestamp: str | None = None) -> None:
-    """POST the seed's webhook body to callback_url on this thread's session; raise on a non-2xx answer."""
+def bare_callback(
+    callback_url: str, email: str, plan: str, price: float, timestamp: str | None = None, event_id: str | None = None
+) -> None:
+    """POST the seed's webhook body to callback_url on this thread's session; raise on a non-2xx answer.
+
+    event_id is accepted (the gateway sends one) and ignored: stock Dramatiq has no idempotency.
+    """
     payload = {"email": email, "plan": plan, "price": price, "status": "success", "timestamp": timestamp}
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
     response = _session().post(

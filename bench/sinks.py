@@ -84,16 +84,27 @@ class HttpSink:
         proc: the server process (its own session).
     """
 
-    def __init__(self, *, kind: str, port: int, workdir: str, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self,
+        *,
+        kind: str,
+        port: int,
+        workdir: str,
+        proc: subprocess.Popen[bytes],
+        delay_ms: float = 0.0,
+        hosts: tuple[str, ...] = ("127.0.0.1",),
+    ) -> None:
         self.kind = kind
         self.port = port
         self.workdir = workdir
         self.proc = proc
+        self.delay_ms = delay_ms
+        self.hosts = hosts
         self.log_path = os.path.join(workdir, "access.log")
 
-    def url(self, path: str) -> str:
-        """Return http://127.0.0.1:PORT{path}."""
-        return f"http://127.0.0.1:{self.port}{path}"
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        """Return http://HOST:PORT{path} (host: one of the addresses it listens on)."""
+        return f"http://{host}:{self.port}{path}"
 
     def access_log(self) -> AccessLog:
         """Return a reader of this sink's access log, positioned at its current end."""
@@ -103,6 +114,11 @@ class HttpSink:
 
     def version(self) -> str:
         """Return a one-line description of the server."""
+        if self.kind == "slow":
+            return (
+                f"Python asyncio sink (bench.slowsink), answers after {self.delay_ms:g} ms, on {len(self.hosts)} "
+                f"address(es), Python {sys.version.split()[0]}"
+            )
         if self.kind != "nginx":
             return f"Python ThreadingHTTPServer (fallback: no nginx binary), Python {sys.version.split()[0]}"
         out = subprocess.run([_nginx_binary() or "nginx", "-v"], capture_output=True, text=True, check=False)
@@ -124,18 +140,20 @@ def _nginx_binary() -> str | None:
     return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], what: str, log: str, timeout_s: float = 10) -> None:
+def _wait_listening(
+    port: int, proc: subprocess.Popen[bytes], what: str, log: str, timeout_s: float = 10, host: str = "127.0.0.1"
+) -> None:
     import socket
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode} before listening; see {log}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
             return
         time.sleep(0.05)
     proc.kill()
-    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s} s; see {log}")
+    raise RuntimeError(f"{what} did not listen on {host}:{port} within {timeout_s} s; see {log}")
 
 
 def start_http_sink(*, prefer: str = "nginx") -> HttpSink:
@@ -177,6 +195,36 @@ def start_http_sink(*, prefer: str = "nginx") -> HttpSink:
     return sink
 
 
+def many_hosts(count: int = 100) -> tuple[str, ...]:
+    """Return the loopback addresses of the many-merchants runs: 127.0.0.2, 127.0.0.3, ... (count of them)."""
+    if not 1 <= count <= 250:
+        raise ValueError(f"count={count}: between 1 and 250 addresses of 127.0.0.0/24")
+    return tuple(f"127.0.0.{i}" for i in range(2, 2 + count))
+
+
+def start_slow_sink(*, delay_ms: float, hosts: tuple[str, ...] = ("127.0.0.1",)) -> HttpSink:
+    """Start `bench.slowsink` (one asyncio process) answering 200 after delay_ms, on one port of every host.
+
+    Parameters:
+        delay_ms: how long every answer waits after the request arrived, in milliseconds.
+        hosts: the loopback addresses it listens on (the same port on each).
+    """
+    workdir = tempfile.mkdtemp(prefix="whiskypay-bench-slowsink-")
+    port = free_port()
+    log = os.path.join(workdir, "server.out")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.slowsink", str(port), os.path.join(workdir, "access.log"), f"{delay_ms:g}",
+             *hosts],
+            cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    sink = HttpSink(kind="slow", port=port, workdir=workdir, proc=proc, delay_ms=delay_ms, hosts=hosts)
+    for host in (hosts[0], hosts[-1]):
+        _wait_listening(port, proc, "bench.slowsink", log, host=host)
+    return sink
+
+
 @dataclass(frozen=True)
 class SinkRate:
     """The sink's own rate under a load generator: requests per second and how it was measured."""
@@ -185,22 +233,23 @@ class SinkRate:
     tool: str
 
 
-def measure_sink_rate(sink: HttpSink, *, seconds: float) -> SinkRate:
+def measure_sink_rate(sink: HttpSink, *, seconds: float, connections: int = 32) -> SinkRate:
     """Load the sink from separate processes for `seconds` and return its rate.
 
-    Uses wrk (2 threads, 32 connections, POST of a webhook-sized body) when installed, otherwise
+    Uses wrk (2 threads, `connections` connections, POST of a webhook-sized body) when installed, otherwise
     `bench.load` (2 processes x 8 threads, one requests.Session per thread), which is itself the bottleneck.
 
     Parameters:
         sink: the started sink.
         seconds: how long to load it.
+        connections: wrk's concurrent connections (a slow sink needs many: rate <= connections / delay).
     """
-    url = sink.url("/sink-rate")
+    url = sink.url("/sink-rate", host=sink.hosts[0])
     wrk = shutil.which("wrk")
     if wrk is not None:
         duration = max(1, round(seconds))
         out = subprocess.run(
-            [wrk, "-t2", "-c32", f"-d{duration}s", "-s", str(BENCH_DIR / "post.lua"), url],
+            [wrk, "-t2", f"-c{connections}", f"-d{duration}s", "-s", str(BENCH_DIR / "post.lua"), url],
             capture_output=True, text=True, check=True, timeout=duration + 30,
         )  # fmt: skip
         match = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
@@ -209,7 +258,7 @@ def measure_sink_rate(sink: HttpSink, *, seconds: float) -> SinkRate:
         non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out.stdout)
         if non2xx:
             raise RuntimeError(f"the sink answered {non2xx.group(1)} requests with a non-2xx status")
-        return SinkRate(float(match.group(1)), f"wrk -t2 -c32 -d{duration}s, POST {len(_BODY)} B")
+        return SinkRate(float(match.group(1)), f"wrk -t2 -c{connections} -d{duration}s, POST {len(_BODY)} B")
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "bench.load", "http", url, str(seconds), "8"],

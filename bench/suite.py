@@ -18,6 +18,13 @@ How each figure is taken:
   Redis commands (INFO total_commands_processed, minus our INFO) over the idle window.
 - email: N payments (2 N emails) enqueued, then the workers start; rate from the SMTP sink's arrival times.
 - memory: VmHWM of the single worker process of each 1 x 8 throughput run, read before it stops.
+- slow: as throughput, against `bench.slowsink` answering after 100 ms (merchants wait, they do not compute),
+  2 x 64 and 2 x 128; also the share of the limit (processes x threads / delay), worker CPU per delivered
+  webhook while draining, peak RSS per worker process, and launch to first POST (spawn to first arrival).
+- many: as slow, with the callbacks spread round-robin over 100 loopback addresses (127.0.0.2 to 127.0.0.101),
+  one sink listening on all: a hundred merchants, so per-host pools, caps and breakers are in play.
+- slowplot: throughput against threads per process for the 100 ms sink (2 processes; points that are also
+  slow configs reuse those runs), N scaled per point so each takes a few seconds.
 """
 
 from __future__ import annotations
@@ -54,14 +61,25 @@ from bench.measure import (
     summary,
     wait_for,
 )
-from bench.sinks import REPO_ROOT, HttpSink, SinkRate, measure_sink_rate, start_http_sink
+from bench.sinks import (
+    REPO_ROOT,
+    HttpSink,
+    SinkRate,
+    many_hosts,
+    measure_sink_rate,
+    start_http_sink,
+    start_slow_sink,
+)
 from whiskypay.devstack import HttpReceiver, RedisServer, SmtpSink, WorkerProcess
 
 #: The two sides of every comparison.
 SIDES = ("ours", "bare")
 
 #: Every benchmark, in the order they run ("memory" is read during the throughput runs).
-BENCHMARKS = ("enqueue", "throughput", "plot", "pickup", "email")
+BENCHMARKS = ("enqueue", "throughput", "plot", "slow", "many", "slowplot", "pickup", "email")
+
+#: The benchmarks that need the slow-merchant sink.
+SLOW_BENCHMARKS = frozenset({"slow", "many", "slowplot"})
 
 #: The webhook fields every benchmark message carries (valid for ours' schema).
 PAYMENT = {"email": "buyer@example.com", "plan": "pro", "price": 19.99, "timestamp": "2026-11-27T21:00:00Z"}
@@ -89,6 +107,13 @@ class Sizes:
         payments: payments per email run (two emails each).
         sink_rate_s: how long the sink's own rate is measured, in seconds.
         prefetch: dramatiq_queue_prefetch for both sides; 0 leaves Dramatiq's default (threads x 2).
+        slow_delay_ms: how long the slow sink waits before answering, in milliseconds.
+        slow_configs: (processes, threads) of the slow-sink and many-merchants runs.
+        slow_callbacks: messages per slow-sink run (the most per slow plot point, too).
+        merchants: loopback addresses of the many-merchants runs (127.0.0.2 upwards).
+        slow_plot_processes: processes of the slow-sink plot.
+        slow_plot_threads: threads per process of the slow-sink plot.
+        slow_plot_s: the target duration of one slow plot point at the limit rate, in seconds (scales N).
         benchmarks: which benchmarks to run.
     """
 
@@ -105,6 +130,13 @@ class Sizes:
     payments: int = 1000
     sink_rate_s: float = 3.0
     prefetch: int = 0
+    slow_delay_ms: float = 100.0
+    slow_configs: tuple[tuple[int, int], ...] = ((2, 64), (2, 128))
+    slow_callbacks: int = 2000
+    merchants: int = 100
+    slow_plot_processes: int = 2
+    slow_plot_threads: tuple[int, ...] = (1, 8, 32, 64, 128)
+    slow_plot_s: float = 2.0
     benchmarks: tuple[str, ...] = BENCHMARKS
 
 
@@ -112,6 +144,7 @@ class Sizes:
 QUICK = Sizes(
     reps=1, callbacks=400, configs=((1, 8),), plot_threads=(1, 8), plot_callbacks=200, enqueue=1000,
     pickup_samples=20, idle_s=2.0, settle_s=1.0, payments=100, sink_rate_s=1.0,
+    slow_configs=((2, 16),), slow_callbacks=300, merchants=20, slow_plot_threads=(1, 16), slow_plot_s=1.0,
 )  # fmt: skip
 
 
@@ -163,6 +196,11 @@ class Stack:
             server.start()
         self.clients = {side: redis.Redis.from_url(server.url) for side, server in self.redis.items()}
         self.sink: HttpSink = start_http_sink(prefer=sink)
+        #: The slow-merchant sink (only when a slow benchmark runs): 127.0.0.1 plus the many-merchants addresses.
+        self.slow_sink: HttpSink | None = None
+        if SLOW_BENCHMARKS & set(sizes.benchmarks):
+            self.merchant_hosts = many_hosts(sizes.merchants)
+            self.slow_sink = start_slow_sink(delay_ms=sizes.slow_delay_ms, hosts=("127.0.0.1", *self.merchant_hosts))
         self.smtp = TimedSmtpSink().start()
         self.receiver = HttpReceiver().start()
         secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()  # random per run, never printed
@@ -228,6 +266,8 @@ class Stack:
         self.receiver.stop()
         self.smtp.stop()
         self.sink.stop()
+        if self.slow_sink is not None:
+            self.slow_sink.stop()
         for client in self.clients.values():
             client.close()
         for server in self.redis.values():
@@ -255,13 +295,17 @@ def _stop(worker: WorkerProcess) -> None:
 
 
 def enqueue_run(stack: Stack, side: str, *, n: int, tag: str) -> float:
-    """Time n send() calls of side's callback actor (no worker running); return sends per second."""
+    """Time n send() calls of side's callback actor (no worker running); return sends per second.
+
+    Every send carries an `event_id`, as the gateway's do: ours validates the arguments and reserves the id
+    (idempotency) in the same send; bare Dramatiq enqueues the same keyword arguments unchecked.
+    """
     stack.flush(side)
     actor = stack.callback_actor[side]
     urls = [stack.sink.url(f"/{tag}/{i}") for i in range(n)]
     started = time.perf_counter()
-    for url in urls:
-        actor.send(callback_url=url, **PAYMENT)
+    for i, url in enumerate(urls):
+        actor.send(callback_url=url, event_id=f"evt_{tag}_{i}", **PAYMENT)
     elapsed = time.perf_counter() - started
     if stack.unacked(side, "callbackQueue") != n:
         raise RuntimeError(f"{side}: {n} sends left {stack.unacked(side, 'callbackQueue')} messages in Redis")
@@ -269,16 +313,33 @@ def enqueue_run(stack: Stack, side: str, *, n: int, tag: str) -> float:
     return n / elapsed
 
 
-def drain_run(stack: Stack, side: str, *, n: int, processes: int, threads: int, tag: str) -> dict[str, Any]:
-    """Enqueue n callbacks, start side's workers, and time the sink receiving all n; return the figures."""
+def drain_run(
+    stack: Stack,
+    side: str,
+    *,
+    n: int,
+    processes: int,
+    threads: int,
+    tag: str,
+    sink: HttpSink | None = None,
+    hosts: tuple[str, ...] = ("127.0.0.1",),
+) -> dict[str, Any]:
+    """Enqueue n callbacks, start side's workers, and time the sink receiving all n; return the figures.
+
+    Parameters:
+        sink: the sink the callbacks go to (default: the fast one).
+        hosts: the sink's addresses the callbacks are spread over, round-robin.
+    """
+    sink = sink or stack.sink
     stack.flush(side)
     actor = stack.callback_actor[side]
     prefix = f"/{tag}/"
     started = time.perf_counter()
     for i in range(n):
-        actor.send(callback_url=stack.sink.url(f"{prefix}{i}"), **PAYMENT)
+        url = sink.url(f"{prefix}{i}", host=hosts[i % len(hosts)])
+        actor.send(callback_url=url, event_id=f"evt_{tag}_{i}", **PAYMENT)
     enqueue_s = time.perf_counter() - started
-    log = stack.sink.access_log()
+    log = sink.access_log()
     worker = stack.worker(side, "callbackQueue", processes=processes, threads=threads)
     seen: set[str] = set()
     first = last = 0.0
@@ -287,6 +348,7 @@ def drain_run(stack: Stack, side: str, *, n: int, processes: int, threads: int, 
     cpu_at_first = 0.0
     done_at_first = 0
     spawned = time.monotonic()
+    spawned_wall = time.time()  # the sinks log wall-clock arrival times
     worker.start(wait_ready=False)
     deadline = spawned + 60 + n / 50
     try:
@@ -326,6 +388,7 @@ def drain_run(stack: Stack, side: str, *, n: int, processes: int, threads: int, 
         "msg_per_s": (n - 1) / max(last - first, 1e-3),
         "first_to_last_s": last - first,
         "spawn_to_drained_s": drained - spawned,
+        "launch_to_first_post_s": first - spawned_wall,
         "enqueue_per_s": n / enqueue_s,
         "cpu_ms_per_msg": 1000 * (cpu_end - cpu_at_first) / max(n - done_at_first, 1),
         "peak_rss_mib": rss,
@@ -458,10 +521,12 @@ def line(name: str, entry: dict[str, Any]) -> str:
     ours, bare, fig = entry["ours"], entry["bare"], format_figure
     ratio = entry.get("ratio")
     verdict = {True: "MET", False: "MISSED", None: "-"}[entry["met"]]
+    share = entry.get("share_of_limit")
+    of_limit = f"  of limit {share['ours']:.0%}/{share['bare']:.0%}" if share else ""
     return (
         f"{name:<24} {entry['unit']:<8} ours {fig(ours['median']):>7} [{fig(ours['min'])}..{fig(ours['max'])}]"
         f"  bare {fig(bare['median']):>7} [{fig(bare['min'])}..{fig(bare['max'])}]"
-        f"  ratio {'n/a' if ratio is None else f'{ratio:.2f}'}  target {entry['target']}  {verdict}"
+        f"  ratio {'n/a' if ratio is None else f'{ratio:.2f}'}{of_limit}  target {entry['target']}  {verdict}"
     )
 
 
@@ -527,6 +592,15 @@ def run(sizes: Sizes, *, sink: str, command: str, progress: bool = True) -> Resu
         results.sink = {"kind": stack.sink.kind, "server": stack.sink.version(), "requests_per_s": rate.requests_per_s,
                         "load": rate.tool}  # fmt: skip
         say(f"sink {stack.sink.kind}: {rate.requests_per_s:,.0f} req/s")
+        if stack.slow_sink is not None:
+            # Its rate is bounded by connections / delay: load it with 1,000 connections (limit 10,000 req/s).
+            slow_rate = measure_sink_rate(stack.slow_sink, seconds=sizes.sink_rate_s, connections=1000)
+            results.sink["slow"] = {
+                "kind": stack.slow_sink.kind, "server": stack.slow_sink.version(),
+                "requests_per_s": slow_rate.requests_per_s, "load": slow_rate.tool,
+                "delay_ms": sizes.slow_delay_ms, "addresses": len(stack.slow_sink.hosts),
+            }  # fmt: skip
+            say(f"slow sink: {slow_rate.requests_per_s:,.0f} req/s")
         wanted = set(sizes.benchmarks)
         if "enqueue" in wanted:
             runs: dict[str, list[float]] = {side: [] for side in SIDES}
@@ -560,6 +634,9 @@ def run(sizes: Sizes, *, sink: str, command: str, progress: bool = True) -> Resu
                 results.benchmarks[name]["enqueue_per_s_while_filling"] = {
                     side: summary([f["enqueue_per_s"] for f in by_side[side]]) for side in SIDES
                 }
+                results.benchmarks[name]["launch_to_first_post_s"] = {
+                    side: summary([f["launch_to_first_post_s"] for f in by_side[side]]) for side in SIDES
+                }
             one_proc = [cfg for cfg in drains if cfg[0] == 1]
             if one_proc:
                 cfg = (1, 8) if (1, 8) in drains else one_proc[0]
@@ -581,6 +658,70 @@ def run(sizes: Sizes, *, sink: str, command: str, progress: bool = True) -> Resu
                 "unit": "msg/s",
                 "note": f"1 process, {sizes.plot_callbacks} callbacks per point",
                 "points": {str(t): {s: summary(points[t][s]) for s in SIDES} for t in sizes.plot_threads},
+            }
+        slow_runs: dict[tuple[int, int], dict[str, list[dict[str, Any]]]] = {}
+        for kind in ("slow", "many"):
+            if kind not in wanted:
+                continue
+            assert stack.slow_sink is not None
+            hosts = stack.merchant_hosts if kind == "many" else ("127.0.0.1",)
+            by_config: dict[tuple[int, int], dict[str, list[dict[str, Any]]]] = {}
+            for rep in range(sizes.reps):
+                for processes, threads in sizes.slow_configs:
+                    for side in _order(rep):
+                        figures = drain_run(
+                            stack, side, n=sizes.slow_callbacks, processes=processes, threads=threads,
+                            tag=f"{kind}{rep}-{processes}x{threads}-{side}", sink=stack.slow_sink, hosts=hosts,
+                        )  # fmt: skip
+                        by_config.setdefault((processes, threads), {s: [] for s in SIDES})[side].append(figures)
+                        say(f"{kind} {processes}x{threads} {side}: {figures['msg_per_s']:,.0f} msg/s, "
+                            f"{figures['cpu_ms_per_msg']:.2f} ms CPU/msg, first POST "
+                            f"{figures['launch_to_first_post_s']:.2f} s")  # fmt: skip
+            if kind == "slow":
+                slow_runs = by_config
+            where = "one merchant (127.0.0.1)" if kind == "slow" else f"{len(hosts)} merchants ({hosts[0]}..)"
+            note = f"{sizes.slow_callbacks} callbacks pre-enqueued to {where}, answer after {sizes.slow_delay_ms:g} ms"
+            for (processes, threads), by_side in by_config.items():
+                entries = slow_entries(kind, processes, threads, by_side, delay_ms=sizes.slow_delay_ms, note=note)
+                results.benchmarks.update(entries)
+        if "slowplot" in wanted:
+            assert stack.slow_sink is not None
+            procs = sizes.slow_plot_processes
+            slow_points: dict[int, dict[str, list[float]]] = {
+                t: {s: [] for s in SIDES} for t in sizes.slow_plot_threads
+            }
+            counts: dict[int, int] = {}
+            for threads in sizes.slow_plot_threads:
+                reused = slow_runs.get((procs, threads))
+                if reused:  # the same run as a table row: take its figures
+                    counts[threads] = sizes.slow_callbacks
+                    for side in SIDES:
+                        slow_points[threads][side] = [f["msg_per_s"] for f in reused[side]]
+                else:  # scaled so that a point takes about slow_plot_s at the limit rate
+                    limit = procs * threads / (sizes.slow_delay_ms / 1000)
+                    counts[threads] = max(40, min(sizes.slow_callbacks, round(limit * sizes.slow_plot_s)))
+            for rep in range(sizes.reps):
+                for threads in sizes.slow_plot_threads:
+                    if (procs, threads) in slow_runs:
+                        continue
+                    for side in _order(rep):
+                        figures = drain_run(stack, side, n=counts[threads], processes=procs, threads=threads,
+                                            tag=f"splot{rep}-{threads}-{side}", sink=stack.slow_sink)  # fmt: skip
+                        slow_points[threads][side].append(figures["msg_per_s"])
+                say(f"slow plot repetition {rep + 1}/{sizes.reps} done")
+            results.benchmarks["slow_threads"] = {
+                "unit": "msg/s",
+                "note": f"{procs} processes, sink answering after {sizes.slow_delay_ms:g} ms",
+                "delay_ms": sizes.slow_delay_ms,
+                "processes": procs,
+                "callbacks": {str(t): counts[t] for t in sizes.slow_plot_threads},
+                "points": {
+                    str(t): {
+                        **{s: summary(slow_points[t][s]) for s in SIDES},
+                        "limit": procs * t / (sizes.slow_delay_ms / 1000),
+                    }
+                    for t in sizes.slow_plot_threads
+                },
             }
         if "pickup" in wanted:
             reps = [
@@ -643,12 +784,84 @@ def run(sizes: Sizes, *, sink: str, command: str, progress: bool = True) -> Resu
     return results
 
 
+#: Ratio targets (ours / bare of the medians) of issue 14, by benchmark name: (comparison, bound).
+RATIO_TARGETS: dict[str, tuple[str, float]] = {
+    "enqueue": (">=", 0.95),
+    "throughput_1x8": (">=", 1.10),
+    "throughput_2x8": (">=", 1.10),
+    "slow_2x64": (">=", 1.00),
+    "slow_2x128": (">=", 1.10),
+    "many_2x64": (">=", 1.00),
+    "many_2x128": (">=", 1.10),
+}
+
+#: The least share of the limit (processes x threads / delay) ours must reach, by benchmark name.
+SHARE_TARGETS = {"slow_2x64": 0.90, "many_2x64": 0.90}
+
+#: Worker CPU per delivered webhook: ours / bare at most this.
+CPU_RATIO_MAX = 0.85
+
+#: Peak RSS per worker process: ours at most bare + this, in MiB.
+RSS_EXTRA_MAX_MIB = 5.0
+
+#: Launch to first POST: ours at most bare + this, in seconds.
+LAUNCH_EXTRA_MAX_S = 0.1
+
+
+def slow_entries(
+    kind: str, processes: int, threads: int, by_side: dict[str, list[dict[str, Any]]], *, delay_ms: float, note: str
+) -> dict[str, dict[str, Any]]:
+    """Return the entries of one slow-sink (or many-merchants) config: throughput, CPU, RSS, launch to first POST.
+
+    Parameters:
+        kind: "slow" or "many".
+        by_side: each side's drain_run figures, one per repetition.
+        delay_ms: the sink's answer delay, for the limit (processes x threads / delay).
+    """
+    name = f"{kind}_{processes}x{threads}"
+    limit = processes * threads / (delay_ms / 1000)
+    runs = {side: [f["msg_per_s"] for f in by_side[side]] for side in SIDES}
+    entry = compare("msg/s", runs["ours"], runs["bare"], target="report", met=None, note=note)
+    entry["limit_msg_per_s"] = limit
+    entry["share_of_limit"] = {side: entry[side]["median"] / limit for side in SIDES}
+    cpu = {side: [f["cpu_ms_per_msg"] for f in by_side[side]] for side in SIDES}
+    rss = {side: [max(f["peak_rss_mib"]) for f in by_side[side]] for side in SIDES}
+    launch = {side: [f["launch_to_first_post_s"] for f in by_side[side]] for side in SIDES}
+    cpu_entry = compare(
+        "ms/msg", cpu["ours"], cpu["bare"], target=f"<= {CPU_RATIO_MAX:.2f}x bare", met=None,
+        note="worker CPU (utime + stime of the worker processes) from the first arrival to the last, per webhook",
+    )  # fmt: skip
+    cpu_entry["met"] = cpu_entry["ratio"] is not None and cpu_entry["ratio"] <= CPU_RATIO_MAX
+    rss_entry = compare(
+        "MiB", rss["ours"], rss["bare"], target=f"<= bare + {RSS_EXTRA_MAX_MIB:g} MiB", met=None,
+        note=f"VmHWM of the larger of the {processes} worker processes, read after the last arrival",
+    )  # fmt: skip
+    rss_entry["met"] = rss_entry["ours"]["median"] <= rss_entry["bare"]["median"] + RSS_EXTRA_MAX_MIB
+    launch_entry = compare(
+        "s", launch["ours"], launch["bare"], target=f"<= bare + {LAUNCH_EXTRA_MAX_S:g} s", met=None,
+        note="from spawning `python -m dramatiq` (queue already full) to the sink logging the first POST",
+    )  # fmt: skip
+    launch_entry["met"] = launch_entry["ours"]["median"] <= launch_entry["bare"]["median"] + LAUNCH_EXTRA_MAX_S
+    return {name: entry, f"{name}_cpu": cpu_entry, f"{name}_rss": rss_entry, f"{name}_launch": launch_entry}
+
+
 def _judge(results: Results) -> None:
     """Fill in `met` for the ratio targets, and how many times the fastest worker run the sink's rate is."""
-    for name, floor in (("enqueue", 0.8), ("throughput_1x8", 0.9), ("throughput_2x8", 0.9)):
+    for name, (op, bound) in RATIO_TARGETS.items():
         entry = results.benchmarks.get(name)
-        if entry and entry.get("ratio") is not None:
-            entry["met"] = entry["ratio"] >= floor
+        if not entry or entry.get("ratio") is None:
+            continue
+        met = entry["ratio"] >= bound if op == ">=" else entry["ratio"] <= bound
+        entry["target"] = f"{op} {bound:.2f}x bare"
+        share = SHARE_TARGETS.get(name)
+        if share is not None:
+            entry["target"] += f", ours >= {share:.0%} of the limit"
+            met = met and entry["share_of_limit"]["ours"] >= share
+        entry["met"] = met
+    memory = results.benchmarks.get("memory")
+    if memory:
+        memory["target"] = f"<= bare + {RSS_EXTRA_MAX_MIB:g} MiB"
+        memory["met"] = memory["ours"]["median"] <= memory["bare"]["median"] + RSS_EXTRA_MAX_MIB
     fastest = [
         run for name, entry in results.benchmarks.items() if name.startswith("throughput_")
         for side in SIDES for run in entry[side]["runs"]
@@ -658,49 +871,81 @@ def _judge(results: Results) -> None:
     if fastest and results.sink:
         results.sink["fastest_worker_run_msg_per_s"] = max(fastest)
         results.sink["headroom_x"] = results.sink["requests_per_s"] / max(fastest)
+    slow = [
+        run for entry in results.benchmarks.values() if "limit_msg_per_s" in entry
+        for side in SIDES for run in entry[side]["runs"]
+    ]  # fmt: skip
+    for entry in results.benchmarks.get("slow_threads", {}).get("points", {}).values():
+        slow += [run for side in SIDES for run in entry[side]["runs"]]
+    if slow and "slow" in results.sink:
+        results.sink["slow"]["fastest_worker_run_msg_per_s"] = max(slow)
+        results.sink["slow"]["headroom_x"] = results.sink["slow"]["requests_per_s"] / max(slow)
 
 
 def plot(results: Results, path: Path) -> bool:
-    """Draw throughput against threads per process (ours and bare, median with min-max bars) into path."""
-    threads = results.benchmarks.get("threads")
-    if not threads:
+    """Draw throughput against threads per process (ours and bare, median with min-max bars) into path.
+
+    One panel per sink that has a threads series: the fast sink (1 process) and the 100 ms sink (2 processes,
+    with the limit processes x threads / delay drawn as a dotted line).
+    """
+    series = [results.benchmarks[name] for name in ("threads", "slow_threads") if name in results.benchmarks]
+    if not series:
         return False
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("bench: matplotlib is missing, no plot (install the bench extra: pip install -e '.[bench]')",
               file=sys.stderr)  # fmt: skip
         return False
-    xs = sorted(int(t) for t in threads["points"])
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for side, style in (("ours", "o-"), ("bare", "s--")):
-        med = [threads["points"][str(x)][side]["median"] for x in xs]
-        low = [m - threads["points"][str(x)][side]["min"] for x, m in zip(xs, med, strict=True)]
-        high = [threads["points"][str(x)][side]["max"] - m for x, m in zip(xs, med, strict=True)]
-        label = "ours (actors, whole pipeline)" if side == "ours" else "bare Dramatiq (RedisBroker + requests)"
-        ax.errorbar(xs, med, yerr=[low, high], fmt=style, capsize=4, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel("threads per worker process (1 process)")
-    ax.set_ylabel("webhooks delivered per second")
-    ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
+    fig, axes = plt.subplots(1, len(series), figsize=(6.2 * len(series), 4.4), dpi=110, squeeze=False)
+    for ax, threads in zip(axes[0], series, strict=True):
+        xs = sorted(int(t) for t in threads["points"])
+        for side, style in (("ours", "o-"), ("bare", "s--")):
+            med = [threads["points"][str(x)][side]["median"] for x in xs]
+            low = [m - threads["points"][str(x)][side]["min"] for x, m in zip(xs, med, strict=True)]
+            high = [threads["points"][str(x)][side]["max"] - m for x, m in zip(xs, med, strict=True)]
+            label = "ours (actors, whole pipeline)" if side == "ours" else "bare Dramatiq (RedisBroker + requests)"
+            ax.errorbar(xs, med, yerr=[low, high], fmt=style, capsize=4, label=label)
+        if "delay_ms" in threads:
+            ax.plot(xs, [threads["points"][str(x)]["limit"] for x in xs], ":", color="grey",
+                    label="limit: processes x threads / delay")  # fmt: skip
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:,.0f}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(f"threads per worker process ({threads['processes']} processes)")
+            ax.set_title(f"sink answering after {threads['delay_ms']:g} ms", fontsize=9)
+        else:
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel("threads per worker process (1 process)")
+            ax.set_title(f"fast sink ({results.sink.get('kind', '?')}, ~0.1 ms)", fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_ylabel("webhooks delivered per second")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
     machine_info = results.meta["machine"]
-    ax.set_title(
-        f"Webhook throughput vs threads ({threads['note']}; median, min-max of {results.meta['sizes']['reps']})\n"
+    fig.suptitle(
+        f"Webhook throughput vs threads (median, min-max of {results.meta['sizes']['reps']})\n"
         f"{machine_info['nproc']} cores, Python {machine_info['python']}, dramatiq {machine_info['dramatiq']}, "
-        f"sink {results.sink.get('kind', '?')}, prefetch {results.meta['queue_prefetch']}",
+        f"prefetch {results.meta['queue_prefetch']}",
         fontsize=8,
     )
-    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+#: The command-line options that set the Sizes field of the same name as they are.
+_NUMBER_OPTIONS = (
+    "reps", "callbacks", "plot_callbacks", "enqueue", "pickup_samples", "payments", "prefetch", "slow_callbacks",
+    "slow_delay_ms", "merchants",
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Sizes, str]:
@@ -719,13 +964,18 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Sizes, str]:
     parser.add_argument("--idle-s", type=float, help="idle CPU / Redis window in seconds (default 10)")
     parser.add_argument("--payments", type=int, help="payments per email run, 2 emails each (default 1000)")
     parser.add_argument("--prefetch", type=int, help="dramatiq_queue_prefetch for both sides (default: Dramatiq's)")
+    parser.add_argument("--slow-configs", help="processes x threads of the slow and many runs (default 2x64,2x128)")
+    parser.add_argument("--slow-callbacks", type=int, help="messages per slow / many run (default 2000)")
+    parser.add_argument("--slow-delay-ms", type=float, help="the slow sink's answer delay (default 100)")
+    parser.add_argument("--merchants", type=int, help="addresses of the many-merchants runs (default 100)")
+    parser.add_argument("--slow-plot-threads", help="threads per process of the slow plot (default 1,8,32,64,128)")
     parser.add_argument("--sink", choices=("nginx", "python"), default="nginx", help="HTTP sink (default nginx)")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<mode>.json)")
     parser.add_argument("--plot", type=Path, help="plot PNG (default bench/throughput_threads.png for a full run)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
     changes: dict[str, Any] = {}
-    for name in ("reps", "callbacks", "plot_callbacks", "enqueue", "pickup_samples", "payments", "prefetch"):
+    for name in _NUMBER_OPTIONS:
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.idle_s is not None:
@@ -736,6 +986,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Sizes, str]:
         changes["configs"] = tuple(tuple(int(x) for x in c.split("x")) for c in args.configs.split(","))
     if args.plot_threads:
         changes["plot_threads"] = tuple(int(t) for t in args.plot_threads.split(","))
+    if args.slow_configs:
+        changes["slow_configs"] = tuple(tuple(int(x) for x in c.split("x")) for c in args.slow_configs.split(","))
+    if args.slow_plot_threads:
+        changes["slow_plot_threads"] = tuple(int(t) for t in args.slow_plot_threads.split(","))
     if args.only:
         chosen = tuple(b.strip() for b in args.only.split(",") if b.strip())
         unknown = set(chosen) - set(BENCHMARKS)
@@ -760,14 +1014,18 @@ def main(argv: list[str] | None = None) -> int:
     sink = results.sink
     print(f"{'sink':<24} {sink['kind']} ({sink['server']}): {sink['requests_per_s']:,.0f} req/s under {sink['load']}"
           + (f" = {sink['headroom_x']:.0f}x the fastest worker run" if "headroom_x" in sink else ""))  # fmt: skip
+    if "slow" in sink:
+        slow = sink["slow"]
+        print(f"{'slow sink':<24} {slow['server']}: {slow['requests_per_s']:,.0f} req/s under {slow['load']}"
+              + (f" = {slow['headroom_x']:.1f}x the fastest worker run" if "headroom_x" in slow else ""))  # fmt: skip
     if "smtp_messages_per_s" in sink:
         print(f"{'smtp sink':<24} aiosmtpd: {sink['smtp_messages_per_s']:,.0f} msg/s (8 threads reusing connections)")
     for name, entry in results.benchmarks.items():
-        if name == "threads":
+        if name in ("threads", "slow_threads"):
             pts = entry["points"]
             fig = format_figure
             cells = "  ".join(f"{t}t {fig(pts[t]['ours']['median'])}/{fig(pts[t]['bare']['median'])}" for t in pts)
-            print(f"{'threads (ours/bare)':<24} msg/s    {cells}")
+            print(f"{name + ' (ours/bare)':<24} msg/s    {cells}")
         else:
             print(line(name, entry))
     if plot(results, plot_path):
@@ -777,5 +1035,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'plot':<24} {results.meta['plot']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(asdict(results), indent=2) + "\n")
-    print(f"{'results':<24} {out}  ({results.meta['duration_s']:.0f} s)")
+    from bench.report import render  # it imports this module
+
+    table = out.with_suffix(".md")
+    table.write_text(render(json.loads(out.read_text())) + "\n")
+    print(f"{'results':<24} {out}, {table.name}  ({results.meta['duration_s']:.0f} s)")
     return 0
