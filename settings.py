@@ -4,71 +4,96 @@ Only the broker factory (`whiskypay.broker.build_broker`), the command line and 
 `get_settings()`; every component takes plain constructor arguments. Secrets are `SecretStr` so that
 they never print, and a bad value stops the process at start with `ConfigurationError`, whose text names
 the variable and the fix without echoing the value.
+
+Each value is parsed once, into a typed field, by the parser of its domain (never the reverse: those modules
+do not import settings): the webhook secret by `whiskypay.signing` (`webhook_keys`), durations and schedules
+by `whiskypay.retrying`. Each queue's retry variables (WHISKYPAY_CALLBACK_*, WHISKYPAY_EMAIL_*) make one
+nested `QueueRetry`, and `retry_policies` holds the `RetryPolicy` of every queue.
 """
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import functools
 import os
 import re
 import ssl
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from whiskypay.errors import ConfigurationError
+from whiskypay.queues import Queue
+from whiskypay.retrying import DEFAULT_POLICIES, MAX_DELAY_MS, RetryPolicy, parse_schedule_ms
+from whiskypay.signing import parse_webhook_secrets
+
+__all__ = [
+    "ENV_PREFIX", "MAX_DELAY_MS", "ConfigurationError", "QueueRetry", "Settings", "WebhookSecret", "get_settings",
+    "load_settings", "variable_names",
+]
 
 #: Every variable starts with this prefix.
 ENV_PREFIX = "WHISKYPAY_"
 
-#: The longest delay Dramatiq accepts for a message, in milliseconds (7 days).
-#: Backoffs, schedules and Retry-After waits above it are rejected at start or clamped.
-MAX_DELAY_MS = 7 * 24 * 60 * 60 * 1000
 
-_DURATION = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,6})?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+class WebhookSecret(SecretStr):
+    """WHISKYPAY_WEBHOOK_SECRET: never printed, and decoded into its HMAC keys once, when it is read."""
 
+    def __init__(self, secret_value: str) -> None:
+        super().__init__(secret_value)
+        #: The HMAC keys, newest first.
+        self.keys = parse_webhook_secrets(secret_value)
 
-class ConfigurationError(Exception):
-    """A setting is missing or malformed; the text names the WHISKYPAY_ variable and the fix."""
-
-
-def parse_duration_ms(text: str) -> int:
-    """Parse "500ms", "5s", "5m", "2h", "1d" or a bare number of milliseconds into milliseconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a duration; write it like 500ms, 5s, 5m, 2h or 1d")
-    return int(float(match.group(1)) * _UNIT_MS[match.group(2) or "ms"])
+    @classmethod
+    def of(cls, value: SecretStr) -> WebhookSecret:
+        """Decode value's whsec_ secrets (ValueError naming the position of a bad one)."""
+        return cls(value.get_secret_value())
 
 
-def parse_schedule_ms(text: str) -> tuple[int, ...]:
-    """Parse a comma-separated retry schedule ("5s,5m,30m") into waits in milliseconds."""
-    waits = tuple(parse_duration_ms(part) for part in text.split(",") if part.strip())
-    for wait in waits:
-        if wait > MAX_DELAY_MS:
-            raise ValueError(f"a wait of {wait} ms exceeds {MAX_DELAY_MS} ms (7 days), the longest Dramatiq allows")
-    return waits
+def _schedule(value: object) -> object:
+    return parse_schedule_ms(value) if isinstance(value, str) else value
 
 
-def parse_webhook_secrets(text: str) -> tuple[bytes, ...]:
-    """Decode space-separated `whsec_<base64>` secrets into HMAC keys; the first one is the newest.
+class QueueRetry(BaseModel):
+    """One queue's retry policy: WHISKYPAY_<QUEUE>_ATTEMPTS, _BACKOFF_MS, _MAX_BACKOFF_MS, _JITTER, _SCHEDULE.
 
-    Errors name the position of the bad secret, never its text.
+    BullMQ's meaning: attempts counts every try, the first included; a schedule ("5s,5m,30m") replaces the
+    exponential formula and sets the number of retries. See `whiskypay.retrying.RetryPolicy`.
     """
-    keys = []
-    for position, token in enumerate(text.split(), start=1):
-        if not token.startswith("whsec_"):
-            raise ValueError(f"secret #{position} does not start with 'whsec_'; use the Standard Webhooks format")
-        try:
-            key = base64.b64decode(token[len("whsec_") :], validate=True)
-        except ValueError:
-            raise ValueError(f"secret #{position} is not valid base64 after 'whsec_'") from None
-        if not 24 <= len(key) <= 64:
-            raise ValueError(f"secret #{position} decodes to {len(key)} bytes; use 24 to 64 random bytes")
-        keys.append(key)
-    if not keys:
-        raise ValueError("no secret given")
-    return tuple(keys)
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    attempts: int = Field(ge=1, le=100)
+    backoff_ms: int = Field(gt=0, le=MAX_DELAY_MS)
+    max_backoff_ms: int = Field(default=MAX_DELAY_MS, gt=0, le=MAX_DELAY_MS)
+    jitter: float = Field(default=0.0, ge=0.0, le=1.0)
+    schedule: Annotated[tuple[int, ...], NoDecode, BeforeValidator(_schedule)] = ()
+
+    @classmethod
+    def of(cls, policy: RetryPolicy) -> QueueRetry:
+        """Return the settings that give policy."""
+        return cls(**dataclasses.asdict(policy))
+
+    def policy(self) -> RetryPolicy:
+        """Return the RetryPolicy these settings describe."""
+        return RetryPolicy(**self.model_dump())
+
+
+#: The settings field of each queue's retry policy (the middle of its variables' names), with its defaults.
+_RETRY_FIELDS = {"callback": Queue.CALLBACKS, "email": Queue.EMAIL}
+_RETRY_DEFAULTS = {field: QueueRetry.of(DEFAULT_POLICIES[queue]) for field, queue in _RETRY_FIELDS.items()}
 
 
 class Settings(BaseSettings):
@@ -77,6 +102,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_file=".env", env_ignore_empty=True, extra="ignore", hide_input_in_errors=True,
         frozen=True,
+        # WHISKYPAY_CALLBACK_ATTEMPTS is `callback.attempts`: one split after the queue's part of the name.
+        env_nested_delimiter="_", env_nested_max_split=1,
     )
 
     # Broker.
@@ -93,7 +120,8 @@ class Settings(BaseSettings):
     maintenance_interval_ms: int = Field(default=10_000, ge=100)
 
     # Webhooks.
-    webhook_secret: SecretStr | None = None
+    #: One or more space-separated whsec_ secrets, newest first; decoded once into `webhook_keys`.
+    webhook_secret: Annotated[SecretStr, AfterValidator(WebhookSecret.of)] | None = None
     allow_private_callbacks: bool = False
     callback_https_only: bool = True
     webhook_connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -123,17 +151,9 @@ class Settings(BaseSettings):
     environment: str = "production"
     release: str | None = None
 
-    # Retry policy per queue (BullMQ meaning: attempts counts every try, the first included).
-    callback_attempts: int = Field(default=5, ge=1, le=100)
-    callback_backoff_ms: int = Field(default=5000, gt=0, le=MAX_DELAY_MS)
-    callback_max_backoff_ms: int = Field(default=MAX_DELAY_MS, gt=0, le=MAX_DELAY_MS)
-    callback_jitter: float = Field(default=0.0, ge=0.0, le=1.0)
-    callback_schedule: str = ""
-    email_attempts: int = Field(default=3, ge=1, le=100)
-    email_backoff_ms: int = Field(default=10000, gt=0, le=MAX_DELAY_MS)
-    email_max_backoff_ms: int = Field(default=MAX_DELAY_MS, gt=0, le=MAX_DELAY_MS)
-    email_jitter: float = Field(default=0.0, ge=0.0, le=1.0)
-    email_schedule: str = ""
+    # Retry policy per queue: WHISKYPAY_CALLBACK_* for callbackQueue, WHISKYPAY_EMAIL_* for emailQueue.
+    callback: QueueRetry = _RETRY_DEFAULTS["callback"]
+    email: QueueRetry = _RETRY_DEFAULTS["email"]
     #: The longest wait a merchant's Retry-After header can ask for, in milliseconds (default 1 hour).
     retry_after_max_ms: int = Field(default=3_600_000, ge=0, le=MAX_DELAY_MS)
 
@@ -157,17 +177,29 @@ class Settings(BaseSettings):
     #: The largest encoded message accepted at send(), in bytes.
     max_message_bytes: int = Field(default=16 * 1024, gt=0)
 
-    @field_validator("callback_schedule", "email_schedule")
+    @model_validator(mode="before")
     @classmethod
-    def _schedule_parses(cls, value: str) -> str:
-        parse_schedule_ms(value)
-        return value
+    def _fold_queue_arguments(cls, data: object) -> object:
+        # Settings(callback_attempts=7) reads as its variable does (WHISKYPAY_CALLBACK_ATTEMPTS): callback.attempts.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for field in _RETRY_FIELDS:
+            parts = {
+                name.removeprefix(f"{field}_"): data.pop(name) for name in list(data)
+                if name.startswith(f"{field}_") and name.removeprefix(f"{field}_") in QueueRetry.model_fields
+            }
+            if parts:
+                given = data.get(field)
+                data[field] = {**(given.model_dump() if isinstance(given, QueueRetry) else given or {}), **parts}
+        return data
 
-    @field_validator("webhook_secret")
+    @field_validator(*_RETRY_FIELDS, mode="before")
     @classmethod
-    def _secret_parses(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            parse_webhook_secrets(value.get_secret_value())
+    def _over_queue_defaults(cls, value: object, info: ValidationInfo) -> object:
+        # A variable that sets one part of a policy keeps the queue's defaults for the others.
+        if isinstance(value, dict) and info.field_name is not None:
+            return {**_RETRY_DEFAULTS[info.field_name].model_dump(), **value}
         return value
 
     @field_validator("redis_url")
@@ -202,11 +234,24 @@ class Settings(BaseSettings):
             raise ValueError("must be a plain address like payments@example.com")
         return value
 
+    @property
     def webhook_keys(self) -> tuple[bytes, ...]:
-        """Return the decoded HMAC keys, newest first; empty when no secret is configured."""
-        if self.webhook_secret is None:
-            return ()
-        return parse_webhook_secrets(self.webhook_secret.get_secret_value())
+        """The HMAC keys of webhook_secret, newest first (decoded when the settings were read); () without one."""
+        return self.webhook_secret.keys if isinstance(self.webhook_secret, WebhookSecret) else ()
+
+    @functools.cached_property
+    def retry_policies(self) -> dict[str, RetryPolicy]:
+        """Each queue's RetryPolicy (callbackQueue, emailQueue), built once."""
+        return {queue: getattr(self, field).policy() for field, queue in _RETRY_FIELDS.items()}
+
+
+def variable_names() -> frozenset[str]:
+    """Return every environment variable the settings read (WHISKYPAY_CALLBACK_ATTEMPTS is callback.attempts)."""
+    names = set()
+    for field in Settings.model_fields:
+        parts = QueueRetry.model_fields if field in _RETRY_FIELDS else ("",)
+        names |= {f"{ENV_PREFIX}{field}_{part}".rstrip("_").upper() for part in parts}
+    return frozenset(names)
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -216,7 +261,7 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_input=False, include_url=False):
-            field = str(error["loc"][0]) if error["loc"] else "?"
+            field = "_".join(str(part) for part in error["loc"]) or "?"
             message = error["msg"].removeprefix("Value error, ")
             problems.append(f"{ENV_PREFIX}{field.upper()}: {message}")
         raise ConfigurationError(

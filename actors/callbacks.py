@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from urllib.parse import urlsplit
 
 import dramatiq
@@ -13,9 +12,10 @@ from middleware.http_client import HttpClients
 from middleware.signing import WebhookSigning
 from whiskypay.actor import WhiskyPayActor
 from whiskypay.broker import middleware_of
-from whiskypay.errors import Deferred, PermanentError
+from whiskypay.errors import Deferred, PermanentError, WhiskyPayError
 from whiskypay.queues import Queue
 from whiskypay.redaction import scrub_text
+from whiskypay.signing import webhook_id as default_webhook_id
 
 logger = dramatiq.get_logger(__name__)
 
@@ -42,21 +42,22 @@ def send_callback(
     broker = dramatiq.get_broker()
     message = CurrentMessage.get_current_message()
     message_id = message.message_id if message else "direct-call"
-    webhook_id = (message.options.get("webhook_id") if message else None) or event_id or f"msg_{message_id}"
+    webhook_id = (message.options.get("webhook_id") if message else None) or default_webhook_id(message_id, event_id)
     attempt = (message.options.get("retries", 0) if message else 0) + 1
     body = webhook_body(email=email, plan=plan, price=price, timestamp=timestamp)
     headers = middleware_of(broker, WebhookSigning).headers(webhook_id, body)
     host = urlsplit(callback_url).hostname
-    started = time.perf_counter()
     try:
         result = middleware_of(broker, HttpClients).post(callback_url, body, headers)
     except Deferred:
         raise
     except Exception as exc:
         status = getattr(exc, "tags", {}).get("http_status", "-")
+        duration_ms = exc.duration_ms if isinstance(exc, WhiskyPayError) else None
         logger.warning(
-            "webhook message=%s host=%s status=%s duration_ms=%.0f attempt=%d failed: %s",
-            message_id, host, status, (time.perf_counter() - started) * 1000, attempt, scrub_text(str(exc)),
+            "webhook message=%s host=%s status=%s duration_ms=%s attempt=%d failed: %s",
+            message_id, host, status, "-" if duration_ms is None else f"{duration_ms:.0f}", attempt,
+            scrub_text(str(exc)),
         )
         raise
     logger.info(

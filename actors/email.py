@@ -7,6 +7,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import CurrentMessage
 
 from middleware.smtp_client import SmtpClients
+from whiskypay import keys
 from whiskypay.actor import WhiskyPayActor
 from whiskypay.broker import middleware_of
 from whiskypay.errors import PermanentError
@@ -40,7 +41,7 @@ def send_email(
     redis_broker = broker if isinstance(broker, RedisBroker) and message else None
     recipients: tuple[tuple[Role, str], ...] = (("buyer", buyer_email), ("merchant", merchant_email))
     for role, to in recipients:
-        marker = f"{redis_broker.namespace}:whiskypay.sent:{message_id}:{role}" if redis_broker else ""
+        marker = keys.email_sent(redis_broker.namespace, message_id, role) if redis_broker else ""
         client = redis_broker.client if redis_broker else None
         if client and client.exists(marker):
             logger.info("email message=%s role=%s already sent; skipped", message_id, role)

@@ -9,7 +9,8 @@ from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.logging import get_logger
 
-from whiskypay.redaction import error_summary
+from whiskypay import keys
+from whiskypay.outcomes import record_failure
 
 
 class DeadLetterReasons(Middleware):
@@ -29,10 +30,8 @@ class DeadLetterReasons(Middleware):
         if not isinstance(broker, RedisBroker) or not redis_id:
             return
         if "traceback" not in message.options:
-            exception = getattr(message, "_exception", None)
-            message.options["traceback"] = error_summary(exception) if exception else "failed without an error"
-            message.options["failure_class"] = type(exception).__name__ if exception else "Unknown"
+            record_failure(message, getattr(message, "_exception", None))
         message.options["failed_at"] = int(time.time() * 1000)
-        key = f"{broker.namespace}:{message.queue_name}.msgs"
+        key = keys.messages(broker.namespace, message.queue_name)
         if broker.client.hexists(key, redis_id):
             broker.client.hset(key, redis_id, message.encode())

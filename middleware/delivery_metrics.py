@@ -13,9 +13,7 @@ from dramatiq.common import q_name
 from dramatiq.logging import get_logger
 
 from middleware.metrics_exporter import use_multiprocess_dir
-
-#: The outcomes counted, one per processed attempt.
-OUTCOMES = ("delivered", "retried", "failed")
+from whiskypay.outcomes import classify
 
 #: Histogram buckets of whiskypay_delivery_seconds, in seconds: webhooks answer in ms, slow merchants in seconds,
 #: and our HTTP and SMTP timeouts end attempts at 15 to 30 s.
@@ -25,12 +23,12 @@ BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0,
 class DeliveryMetrics(Middleware):
     """Count each attempt's outcome and time it, per queue, into the Prometheus multiprocess directory.
 
-    An attempt that succeeded is "delivered"; one that raised and was enqueued again is "retried"; one that was
-    failed (dead-lettered: retries spent, a `throws` error, an invalid message) is "failed". The outcome is
-    settled in after_ack/after_nack, which run once every after_process_message hook (QueueRetryPolicy's
-    included) has decided `message.failed`, wherever this middleware sits in the list. Messages skipped without
-    failing (periodiq's stale ticks) count as nothing. Metrics exist only in worker processes (after_process_boot);
-    elsewhere every hook is a no-op. `MetricsExporter`'s fork serves them.
+    The outcome label is `outcomes.classify`'s: "delivered", "retried" (raised and enqueued again),
+    "dead_lettered" (retries spent, a `throws` error, an invalid message) or "deferred" (not attempted: a slow
+    host's cap). It is settled in after_ack/after_nack, which run once every after_process_message hook
+    (QueueRetryPolicy's included) has decided `message.failed`, wherever this middleware sits in the list.
+    Messages skipped without failing (periodiq's stale ticks) count as nothing. Metrics exist only in worker
+    processes (after_process_boot); elsewhere every hook is a no-op. `MetricsExporter`'s fork serves them.
 
     Parameters:
       queues: The queues counted (others, like the maintenance queue, are ignored).
@@ -42,8 +40,9 @@ class DeliveryMetrics(Middleware):
         self.queues = frozenset(str(queue) for queue in queues)
         self.clock = clock
         self._lock = threading.Lock()
-        #: message_id -> (queue, processing started at, raised?); filled by the worker threads, settled at ack/nack.
-        self._attempts: dict[str, tuple[str, float, bool]] = {}
+        #: message_id -> (queue, processing started at, what it raised); filled by the worker threads, settled at
+        #: ack/nack.
+        self._attempts: dict[str, tuple[str, float, BaseException | None]] = {}
         self.deliveries: Any = None
         self.delivery_seconds: Any = None
 
@@ -53,7 +52,7 @@ class DeliveryMetrics(Middleware):
 
         registry = prometheus_client.CollectorRegistry()
         self.deliveries = prometheus_client.Counter(
-            "whiskypay_deliveries", "Processed attempts by outcome: delivered, retried or failed (dead-lettered).",
+            "whiskypay_deliveries", "Processed attempts by outcome: delivered, retried, dead_lettered or deferred.",
             ["queue", "outcome"], registry=registry,
         )
         self.delivery_seconds = prometheus_client.Histogram(
@@ -69,7 +68,7 @@ class DeliveryMetrics(Middleware):
         queue = self._queue(message)
         if queue is not None:
             with self._lock:
-                self._attempts[message.message_id] = (queue, self.clock(), False)
+                self._attempts[message.message_id] = (queue, self.clock(), None)
 
     def after_process_message(
         self, broker: Broker, message: MessageProxy, *, result: object = None, exception: BaseException | None = None
@@ -79,7 +78,7 @@ class DeliveryMetrics(Middleware):
             if attempt is None:
                 return
             queue, started, _ = attempt
-            self._attempts[message.message_id] = (queue, started, exception is not None)
+            self._attempts[message.message_id] = (queue, started, exception)
         self.delivery_seconds.labels(queue).observe(max(0.0, self.clock() - started))
 
     def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
@@ -89,21 +88,19 @@ class DeliveryMetrics(Middleware):
                 self._attempts.pop(message.message_id, None)
         elif (queue := self._queue(message)) is not None:
             with self._lock:
-                self._attempts.setdefault(message.message_id, (queue, self.clock(), True))
+                self._attempts.setdefault(message.message_id, (queue, self.clock(), None))
 
-    def after_ack(self, broker: Broker, message: MessageProxy) -> None:
+    def _settle(self, message: MessageProxy) -> None:
         if message.queue_name != q_name(message.queue_name):
             return  # a delayed copy handed over to its queue: same message_id as the attempt that may be running
         with self._lock:
             attempt = self._attempts.pop(message.message_id, None)
         if attempt is not None:
-            queue, _, raised = attempt
-            self.deliveries.labels(queue, "retried" if raised else "delivered").inc()
+            queue, _, exception = attempt
+            self.deliveries.labels(queue, classify(message, exception).label).inc()
+
+    def after_ack(self, broker: Broker, message: MessageProxy) -> None:
+        self._settle(message)
 
     def after_nack(self, broker: Broker, message: MessageProxy) -> None:
-        if message.queue_name != q_name(message.queue_name):
-            return
-        with self._lock:
-            attempt = self._attempts.pop(message.message_id, None)
-        if attempt is not None:
-            self.deliveries.labels(attempt[0], "failed").inc()
+        self._settle(message)

@@ -12,7 +12,7 @@ from dramatiq import Broker, Middleware, Worker
 from dramatiq.logging import get_logger
 
 from whiskypay.delivery import Attempt, post_webhook
-from whiskypay.errors import Deferred
+from whiskypay.errors import Deferred, WhiskyPayError
 from whiskypay.netguard import GuardedAdapter
 
 
@@ -110,9 +110,9 @@ class HttpClients(Middleware):
         """
         host = urlsplit(url).hostname or "?"
         token = self._admit(host)
-        started = time.monotonic()
+        duration_ms: float | None = None
         try:
-            return post_webhook(
+            attempt = post_webhook(
                 self.session(),
                 url,
                 body,
@@ -121,8 +121,13 @@ class HttpClients(Middleware):
                 read_timeout_s=self.read_timeout_s,
                 max_response_bytes=self.max_response_bytes,
             )
+            duration_ms = attempt.duration_ms
+            return attempt
+        except WhiskyPayError as exc:
+            duration_ms = exc.duration_ms
+            raise
         finally:
-            self._release(host, token, slow=time.monotonic() - started > self.slow_after_s)
+            self._release(host, token, slow=(duration_ms or 0.0) > self.slow_after_s * 1000)
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
         with self._lock:

@@ -7,15 +7,9 @@ from typing import Any
 from dramatiq import Broker, Message, Middleware
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.logging import get_logger
-from dramatiq.middleware import MiddlewareError
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-class DuplicateEvent(MiddlewareError):
-    """This event_id was already enqueued within the window; `WhiskyPayActor.send` returns without enqueuing."""
+from whiskypay import keys
+from whiskypay.errors import DuplicateEvent
 
 
 class IdempotentEnqueue(Middleware):
@@ -33,7 +27,7 @@ class IdempotentEnqueue(Middleware):
         self.window_s = window_s
 
     def _key(self, broker: RedisBroker, message: Message[Any]) -> str:
-        return f"{broker.namespace}:whiskypay.events:{message.actor_name}:{message.kwargs['event_id']}"
+        return keys.event_reservation(broker.namespace, message.actor_name, message.kwargs["event_id"])
 
     def before_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
         if not message.kwargs.get("event_id") or not isinstance(broker, RedisBroker):
@@ -42,7 +36,7 @@ class IdempotentEnqueue(Middleware):
         if broker.client.set(key, message.message_id, nx=True, ex=self.window_s):
             return
         holder = broker.client.get(key)
-        if holder is not None and _text(holder) == message.message_id:
+        if holder is not None and keys.text(holder) == message.message_id:
             return
         raise DuplicateEvent(f"{message.actor_name}: event_id {message.kwargs['event_id']!r} was already enqueued")
 
@@ -51,5 +45,5 @@ class IdempotentEnqueue(Middleware):
         if message.kwargs.get("event_id") and isinstance(broker, RedisBroker):
             key = self._key(broker, message)
             holder = broker.client.get(key)
-            if holder is not None and _text(holder) == message.message_id:
+            if holder is not None and keys.text(holder) == message.message_id:
                 broker.client.delete(key)

@@ -2,7 +2,8 @@
 
 Dramatiq's own middleware reads its port from `dramatiq_prom_port` when it is imported, and its exposition
 server is a fork that the `dramatiq` master imports by name: no constructor argument can reach it. So this
-subclass swaps that fork for `serve_metrics`, which reads the port from our settings in the fork itself.
+subclass swaps that fork for the one it is given (`whiskypay.broker.serve_metrics`, which reads the port from
+the settings in the fork itself and calls `serve_metrics_on`).
 Every worker process writes its samples into Dramatiq's multiprocess directory (env `dramatiq_prom_db`,
 default `$TMPDIR/dramatiq-prometheus`); the fork sums the files of all of them per scrape.
 """
@@ -24,11 +25,19 @@ def use_multiprocess_dir() -> str:
 
 
 class MetricsExporter(prometheus.Prometheus):
-    """Dramatiq's message metrics (dramatiq_messages_total, ...), exposed by `serve_metrics` on metrics_port."""
+    """Dramatiq's message metrics (dramatiq_messages_total, ...), exposed by the fork it is given.
+
+    Parameters:
+      fork: A module-level function of no arguments (the master imports it by name) that serves /metrics.
+    """
+
+    def __init__(self, *, fork: Callable[[], int]) -> None:
+        super().__init__()
+        self.fork = fork
 
     @property
     def forks(self) -> list[Callable[[], int]]:
-        return [serve_metrics]
+        return [self.fork]
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):
@@ -51,17 +60,13 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         get_logger(__name__, type(self)).debug(format, *args)
 
 
-def serve_metrics() -> int:
-    """Serve /metrics on WHISKYPAY_METRICS_PORT until the `dramatiq` master stops this fork; return 0.
+def serve_metrics_on(port: int) -> int:
+    """Serve /metrics on port until the `dramatiq` master stops this fork; return 0 (1 if port is taken).
 
-    Runs in a process the master forks and imports by name, so it reads the port from the settings itself.
     It binds `dramatiq_prom_host` (Dramatiq's variable, default 0.0.0.0, as a container's scrape target needs).
     """
-    from settings import get_settings  # this fork is an entry point of its own, like the docker entrypoint
-
     use_multiprocess_dir()
     logger = get_logger(__name__, "serve_metrics")
-    port = get_settings().metrics_port
     try:
         httpd = ThreadingHTTPServer((prometheus.HTTP_HOST, port), _MetricsHandler)
     except OSError as exc:

@@ -1,4 +1,4 @@
-"""OutcomeCounters: count completed and finally failed messages per queue, for `whiskypay status`."""
+"""OutcomeCounters: count delivered and dead-lettered messages per queue, for `whiskypay status`."""
 
 from __future__ import annotations
 
@@ -11,24 +11,20 @@ import redis
 from dramatiq import Broker, Middleware, Worker
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.common import q_name
 from dramatiq.logging import get_logger
 
-#: The counters' hash is `<namespace>:whiskypay.stats:<queue>`, with fields `completed`, `failed` (counts)
-#: and `started_at` (unix seconds of the first count: the counts are "since" then).
-STATS_KEY = "whiskypay.stats"
+from whiskypay import keys
+from whiskypay.outcomes import classify
 
-
-def stats_key(namespace: str, queue_name: str) -> str:
-    """Return the Redis key of queue_name's counters hash (a delay queue counts as its queue)."""
-    return f"{namespace}:{STATS_KEY}:{q_name(queue_name)}"
+#: The counters' hash fields (`keys.outcome_counters`) of the outcomes counted; others count as neither.
+FIELDS = {"delivered": "completed", "dead_lettered": "failed"}
 
 
 class OutcomeCounters(Middleware):
-    """HINCRBY `completed` when a message succeeds and `failed` when it is failed (dead-lettered) for good.
+    """HINCRBY `completed` when a message is delivered and `failed` when it is dead-lettered (`outcomes.classify`).
 
-    Dramatiq keeps no count of completed messages, so this does. An attempt that will be retried counts as
-    neither. Listed before the middleware that decide `message.failed`, so its after-hooks run after theirs.
+    Dramatiq keeps no count of completed messages, so this does. An attempt that is retried or deferred counts
+    as neither. Listed before the middleware that decide `message.failed`, so its after-hooks run after theirs.
     Counts are added up in memory and written by a background thread every flush_interval_s (and at worker
     shutdown), so counting costs no Redis round trip per message; a killed worker loses at most that
     interval's counts. Outside a worker (tests calling the hooks) a count past the interval also flushes.
@@ -51,11 +47,12 @@ class OutcomeCounters(Middleware):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _count(self, broker: Broker, message: MessageProxy, field: str) -> None:
-        if not isinstance(broker, RedisBroker):
+    def _count(self, broker: Broker, message: MessageProxy, exception: BaseException | None) -> None:
+        field = FIELDS.get(classify(message, exception).label)
+        if field is None or not isinstance(broker, RedisBroker):
             return
         with self._lock:
-            self._pending[stats_key(broker.namespace, message.queue_name), field] += 1
+            self._pending[keys.outcome_counters(broker.namespace, message.queue_name), field] += 1
         if self.clock() - self._last_flush >= self.flush_interval_s:
             self.flush(broker)
 
@@ -88,14 +85,11 @@ class OutcomeCounters(Middleware):
     def after_process_message(
         self, broker: Broker, message: MessageProxy, *, result: object = None, exception: BaseException | None = None
     ) -> None:
-        if exception is None:
-            self._count(broker, message, "completed")
-        elif message.failed:
-            self._count(broker, message, "failed")
+        self._count(broker, message, exception)
 
     def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
         if message.failed:
-            self._count(broker, message, "failed")
+            self._count(broker, message, None)
 
     def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
         def flush_periodically() -> None:

@@ -22,11 +22,13 @@ from dramatiq.common import q_name
 from dramatiq.logging import get_logger
 
 from whiskypay.errors import Deferred, HttpStatusError
-from whiskypay.redaction import describe_message, error_summary
-from whiskypay.retrying import RetryPolicy
+from whiskypay.outcomes import record_failure
+from whiskypay.queues import Queue
+from whiskypay.redaction import describe_message
+from whiskypay.retrying import DEFAULT_POLICIES, RetryPolicy
 
 #: The policy of a queue that has none of its own (the email queue's defaults).
-DEFAULT_POLICY = RetryPolicy(attempts=3, backoff_ms=10_000)
+DEFAULT_POLICY = DEFAULT_POLICIES[Queue.EMAIL]
 
 
 class QueueRetryPolicy(Middleware):
@@ -85,8 +87,7 @@ class QueueRetryPolicy(Middleware):
             broker.enqueue(cast("Message[Any]", message), delay=exception.delay)
             return
         actor = broker.get_actor(message.actor_name)
-        message.options["traceback"] = error_summary(exception)
-        message.options["failure_class"] = type(exception).__name__
+        record_failure(message, exception)
         throws = message.options.get("throws") or actor.options.get("throws")
         if throws and isinstance(exception, throws):
             self.logger.warning("Not retrying %s: %s", describe_message(message), message.options["traceback"])

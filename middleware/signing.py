@@ -9,21 +9,19 @@ from typing import Any
 from dramatiq import Broker, Message, Middleware, Worker
 from dramatiq.common import q_name
 from dramatiq.logging import get_logger
-from dramatiq.middleware import MiddlewareError
 
-from whiskypay.queues import Queue
-from whiskypay.signing import signature_headers
+from whiskypay.errors import WorkerStartRefused
+from whiskypay.queues import Queue, consumes
+from whiskypay.signing import signature_headers, webhook_id
 
-
-class WorkerStartRefused(MiddlewareError):
-    """A worker cannot start with this configuration; the text names the setting and the fix."""
+__all__ = ["WebhookSigning", "WorkerStartRefused"]
 
 
 class WebhookSigning(Middleware):
     """Give each callback message a `webhook_id` at enqueue and sign each attempt with a fresh timestamp.
 
-    The id is `event_id` when the gateway gave one, else `msg_<message id>`; it is stored in the message's
-    options, so every retry (and a re-drive from the dead-letter queue) carries the same id. A worker that
+    The id is `whiskypay.signing.webhook_id`'s (the event_id, else `msg_<message id>`); it is stored in the
+    message's options, so every retry (and a re-drive from the dead-letter queue) carries the same id. A worker that
     consumes callbackQueue refuses to start without a key.
 
     Parameters:
@@ -37,8 +35,7 @@ class WebhookSigning(Middleware):
         self.clock = clock
 
     def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
-        queues = worker.consumer_whitelist
-        if (queues is None or Queue.CALLBACKS in queues) and not self.keys:
+        if consumes(worker, Queue.CALLBACKS) and not self.keys:
             raise WorkerStartRefused(
                 "WHISKYPAY_WEBHOOK_SECRET is not set: the callback worker signs every webhook and will not start "
                 "without a key. Set it to one or more space-separated whsec_<base64> secrets "
@@ -47,8 +44,8 @@ class WebhookSigning(Middleware):
 
     def before_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
         if q_name(message.queue_name) == Queue.CALLBACKS and "webhook_id" not in message.options:
-            message.options["webhook_id"] = message.kwargs.get("event_id") or f"msg_{message.message_id}"
+            message.options["webhook_id"] = webhook_id(message.message_id, message.kwargs.get("event_id"))
 
-    def headers(self, webhook_id: str, body: bytes) -> dict[str, str]:
-        """Return this attempt's webhook-id, webhook-timestamp and webhook-signature headers for body."""
-        return signature_headers(self.keys, webhook_id, int(self.clock()), body)
+    def headers(self, msg_id: str, body: bytes) -> dict[str, str]:
+        """Return this attempt's webhook-id (msg_id), webhook-timestamp and webhook-signature headers for body."""
+        return signature_headers(self.keys, msg_id, int(self.clock()), body)

@@ -9,9 +9,9 @@ from email.message import EmailMessage
 from dramatiq import Broker, Middleware, Worker
 from dramatiq.logging import get_logger
 
-from middleware.signing import WorkerStartRefused
-from whiskypay.mail import classify_smtp_error, open_smtp
-from whiskypay.queues import Queue
+from whiskypay.errors import WorkerStartRefused
+from whiskypay.queues import Queue, consumes
+from whiskypay.smtp import classify_smtp_error, open_smtp
 
 
 class SmtpClients(Middleware):
@@ -54,8 +54,7 @@ class SmtpClients(Middleware):
         return f"SmtpClients(host={self.host!r}, port={self.port})"
 
     def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
-        queues = worker.consumer_whitelist
-        if (queues is None or Queue.EMAIL in queues) and not self.mail_from:
+        if consumes(worker, Queue.EMAIL) and not self.mail_from:
             raise WorkerStartRefused(
                 "WHISKYPAY_MAIL_FROM is not set: the email worker needs a sender address, "
                 "e.g. WHISKYPAY_MAIL_FROM=payments@your-domain.example."

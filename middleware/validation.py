@@ -12,7 +12,9 @@ from dramatiq.logging import get_logger
 from dramatiq.middleware import SkipMessage
 from pydantic import BaseModel, ValidationError
 
-from whiskypay.schemas import InvalidPayload, describe, validate_args
+from whiskypay.errors import InvalidMessage, InvalidPayload
+from whiskypay.outcomes import record_failure
+from whiskypay.schemas import describe, validate_args
 
 
 def _utc_now_iso() -> str:
@@ -82,7 +84,6 @@ class PayloadValidation(Middleware):
         problem = self._problem(broker, message)
         if problem:
             self.logger.warning("Dead-lettering invalid message %s: %s", message.message_id, problem)
-            message.options["traceback"] = f"InvalidMessage: {problem}"
-            message.options["failure_class"] = "InvalidMessage"
+            record_failure(message, InvalidMessage(problem))
             message.fail()
             raise SkipMessage(problem)

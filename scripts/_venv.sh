@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "Installing WhiskyPay Workers into .venv ..." >&2
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
   # dramatiq-dashboard 0.4.0 pins dramatiq<2 and redis<5 but works on ours: see docs/dashboard.md.
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps 'dramatiq-dashboard==0.4.0'
   echo "$want" > "$stamp"

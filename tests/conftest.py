@@ -16,10 +16,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
+from dramatiq import Middleware
+from dramatiq.brokers.redis import RedisBroker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # make `whiskypay` importable under plain `pytest`
 
-from tests.helpers import TEST_SECRET
+from tests.helpers import NAMESPACE, TEST_SECRET, FakeSentry
 from whiskypay.devstack import HttpReceiver, RedisServer, SmtpSink, WorkerProcess, redis_answers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +155,36 @@ def smtp_sink() -> Iterator[SmtpSink]:
 
 
 @pytest.fixture
+def sentry() -> Iterator[FakeSentry]:
+    """The fake Sentry: a local endpoint the real sentry-sdk (in workers or in this process) posts envelopes to."""
+    with HttpReceiver() as endpoint:
+        yield FakeSentry(endpoint)
+
+
+RedisBrokerFactory = Callable[..., RedisBroker]
+
+
+@pytest.fixture
+def redis_broker(redis_client: redis.Redis, redis_url: str) -> Iterator[RedisBrokerFactory]:
+    """Factory ``redis_broker(*middleware)`` -> a plain Dramatiq RedisBroker on the (flushed) test database.
+
+    Tier 3 for middleware that act on Redis itself: it carries only the middleware given, in the broker namespace
+    the tests' helpers read (``whiskypay``). Every broker made is closed at teardown.
+    """
+    made: list[RedisBroker] = []
+
+    def _make(*middleware: Middleware) -> RedisBroker:
+        client = redis.Redis.from_url(redis_url)
+        broker = RedisBroker(client=client, namespace=NAMESPACE, middleware=list(middleware))
+        made.append(broker)
+        return broker
+
+    yield _make
+    for broker in made:
+        broker.close()
+
+
+@pytest.fixture
 def worker_env(tmp_path: Path) -> dict[str, str]:
     """Environment for worker subprocesses: os.environ plus PYTHONPATH=repo root (SMTP host/port are up to tests)."""
     env = dict(os.environ)
@@ -229,7 +261,7 @@ def private_redis() -> Iterator[RedisServer]:
         server.stop()
 
 
-#: Figures tests hand to the `report` fixture; printed in the terminal summary (tests/test_faults.py).
+#: Figures tests hand to the `report` fixture; printed in the terminal summary (tests/faults/).
 REPORT_LINES = pytest.StashKey[list[str]]()
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import itertools
-import json
 import time
 from typing import Any
 
@@ -276,34 +274,7 @@ def test_an_smtp_server_that_drops_the_connection_gets_a_fresh_one(redis_client,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sentry, with the real sentry-sdk posting to a local endpoint.
-
-
-def envelopes(sentry: HttpReceiver) -> list[tuple[bytes, list[dict[str, Any]]]]:
-    """Return each received envelope's raw (decompressed) bytes and its decoded items."""
-    decoded = []
-    for request in sentry.requests():
-        raw = request.body
-        if request.headers.get("content-encoding") == "gzip":
-            raw = gzip.decompress(raw)
-        lines = raw.split(b"\n")
-        items = []
-        for line in lines[1:]:
-            if line.strip().startswith(b"{"):
-                items.append(json.loads(line))
-        decoded.append((raw, items))
-    return decoded
-
-
-def events(sentry: HttpReceiver) -> list[dict[str, Any]]:
-    return [item for _, items in envelopes(sentry) for item in items if ("event_id" in item and "exception" in item)
-            or ("event_id" in item and "message" in item)]
-
-
-@pytest.fixture
-def sentry(worker_env: dict[str, str]) -> Any:
-    with HttpReceiver() as endpoint:
-        yield endpoint
+# Sentry, with the real sentry-sdk posting to the fake Sentry (tests/conftest.py).
 
 
 def test_sentry_gets_one_scrubbed_triage_ready_event_per_finally_failed_message(
@@ -311,19 +282,17 @@ def test_sentry_gets_one_scrubbed_triage_ready_event_per_finally_failed_message(
 ):
     # Given a merchant whose endpoint is down, and Sentry on
     receiver.respond("/hook", Response(status=503))
-    dsn = f"http://publickey@127.0.0.1:{sentry.port}/1"
-    worker = start_workers(env={**env, "WHISKYPAY_SENTRY_DSN": dsn, "WHISKYPAY_RELEASE": "whiskypay@test",
-                                "WHISKYPAY_ENVIRONMENT": "ci"})
+    worker = start_workers(env={**env, **sentry.env(WHISKYPAY_RELEASE="whiskypay@test", WHISKYPAY_ENVIRONMENT="ci")})
     from actors import send_callback
 
     # When two payments to it exhaust their 5 attempts each
     for _ in range(2):
         send_callback.send(**good_callback(receiver, callback_url=receiver.url("/hook?token=QUERYSECRET")))
     wait_until(lambda: len(dead_letters(redis_client, "callbackQueue")) == 2, what="two dead letters")
-    wait_until(lambda: len(events(sentry)) >= 2, what="two sentry events")
+    wait_until(lambda: len(sentry.events()) >= 2, what="two sentry events")
     time.sleep(1.0)
     # Then there is exactly one event per message, none for the 8 retried attempts
-    found = events(sentry)
+    found = sentry.events()
     assert len(found) == 2
     for event in found:
         tags = event["tags"]
@@ -335,21 +304,20 @@ def test_sentry_gets_one_scrubbed_triage_ready_event_per_finally_failed_message(
     assert {event["tags"]["message_id"] for event in found} == {m["message_id"] for m in
                                                                 dead_letters(redis_client, "callbackQueue")}
     # And nothing personal or secret is in any envelope, or in the worker's log
-    raw = b"".join(body for body, _ in envelopes(sentry)) + worker.log().encode()
+    raw = b"".join(sentry.bodies()) + worker.log().encode()
     for leak in (BUYER.encode(), SECRET.encode(), SECRET.removeprefix("whsec_").encode(), b"QUERYSECRET",
                  b'"status":"success"', b"webhook-signature", b"v1,"):
         assert leak not in raw, leak
 
 
 def test_sentry_reports_an_invalid_message_once(redis_client, receiver, sentry, start_workers, env):
-    dsn = f"http://publickey@127.0.0.1:{sentry.port}/1"
-    start_workers(env={**env, "WHISKYPAY_SENTRY_DSN": dsn})
+    start_workers(env={**env, **sentry.env()})
     push_unvalidated("send_callback", "callbackQueue", good_callback(receiver, price=-5))
-    wait_until(lambda: events(sentry), what="a sentry event")
+    wait_until(lambda: sentry.events(), what="a sentry event")
     time.sleep(0.5)
-    (event,) = events(sentry)
+    (event,) = sentry.events()
     assert event["fingerprint"][:2] == ["send_callback", "InvalidMessage"]
-    assert BUYER.encode() not in b"".join(body for body, _ in envelopes(sentry))
+    assert BUYER.encode() not in b"".join(sentry.bodies())
 
 
 def test_without_a_dsn_nothing_is_sent(redis_client, receiver, sentry, start_workers, env):
@@ -360,4 +328,4 @@ def test_without_a_dsn_nothing_is_sent(redis_client, receiver, sentry, start_wor
     send_callback.send(**good_callback(receiver))
     wait_until(lambda: dead_letters(redis_client, "callbackQueue"), what="dead letter")
     time.sleep(0.5)
-    assert sentry.requests() == []
+    assert sentry.endpoint.requests() == []

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from whiskypay.errors import SmtpPermanentError, SmtpTemporaryError
-from whiskypay.mail import classify_smtp_error, compose
+from whiskypay.mail import compose
+from whiskypay.smtp import classify_smtp_error
 
 MESSAGE_ID = "<pay-42.buyer@whiskypay.test>"
 

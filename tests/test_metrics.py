@@ -56,9 +56,9 @@ def test_a_worker_serves_delivery_counts_and_times_after_deliveries(
     for path in ("/ok", "/flaky", "/down"):
         send_callback.send(callback_url=receiver.url(path), email="buyer@example.com", plan="pro", price=1.0)
     wait_until(lambda: dead_letters(redis_client, "callbackQueue"), what="the failing callback's dead letter")
-    # Then /metrics counts 2 delivered, 2 retried and 1 failed attempt, and times all 5
+    # Then /metrics counts 2 delivered, 2 retried and 1 dead-lettered attempt, and times all 5
     samples = wait_until(
-        lambda: (s := scrape(port)) and deliveries(s, "failed") == 1 and deliveries(s, "delivered") == 2 and s,
+        lambda: (s := scrape(port)) and deliveries(s, "dead_lettered") == 1 and deliveries(s, "delivered") == 2 and s,
         timeout_s=15, what="the counters on /metrics",
     )
     assert deliveries(samples, "retried") == 2

@@ -14,8 +14,9 @@ from dramatiq.broker import MessageProxy
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.common import current_millis
 
-from middleware.retry_policy import QueueRetryPolicy, error_summary
+from middleware.retry_policy import QueueRetryPolicy
 from whiskypay.errors import HttpStatusError
+from whiskypay.redaction import error_summary
 from whiskypay.retrying import RetryPolicy
 
 QUEUE = "q"

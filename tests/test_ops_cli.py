@@ -20,16 +20,12 @@ from typing import Any
 import pytest
 import redis
 
-from middleware.outcome_counters import OutcomeCounters, stats_key
+from middleware.outcome_counters import OutcomeCounters
 from tests.helpers import NAMESPACE, TEST_SECRET, dead_letters, wait_until
+from whiskypay import keys
+from whiskypay.cli.ops import format_table, shorten
+from whiskypay.dead_letters import decode_dead_letter, encode_message, redriven
 from whiskypay.devstack import HttpReceiver, Response, free_port
-from whiskypay.ops import (
-    decode_dead_letter,
-    encode_message,
-    format_table,
-    redriven,
-    shorten,
-)
 from whiskypay.redaction import redact_url
 
 SECRET = TEST_SECRET
@@ -178,7 +174,7 @@ def test_counters_count_completed_and_failed_and_remember_when_they_started(redi
     counters.after_process_message(actors.broker, failed, exception=RuntimeError("x"))
     counters.after_skip_message(actors.broker, failed)
     counters.after_process_message(actors.broker, retried, exception=RuntimeError("will be retried"))
-    stats = redis_client.hgetall(stats_key(NAMESPACE, "callbackQueue"))
+    stats = redis_client.hgetall(keys.outcome_counters(NAMESPACE, "callbackQueue"))
     assert stats == {b"completed": b"1", b"failed": b"2", b"started_at": b"1780000000"}
 
 
@@ -192,7 +188,7 @@ def test_counts_wait_in_memory_until_the_flush_interval_passes(redis_client) -> 
     now = [1_780_000_000.0]
     counters = OutcomeCounters(clock=lambda: now[0], flush_interval_s=10)
     done = MessageProxy(Message(queue_name="callbackQueue", actor_name="a", args=(), kwargs={}, options={}))
-    key = stats_key(NAMESPACE, "callbackQueue")
+    key = keys.outcome_counters(NAMESPACE, "callbackQueue")
     # When three messages complete within the interval, nothing is written yet
     for _ in range(3):
         counters.after_process_message(actors.broker, done)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from settings import MAX_DELAY_MS, Settings, parse_schedule_ms
+from settings import Settings
 from whiskypay.queues import Queue
-from whiskypay.retrying import RetryPolicy, parse_retry_after_ms, policies_from_settings
+from whiskypay.retrying import MAX_DELAY_MS, RetryPolicy, parse_retry_after_ms, parse_schedule_ms
 
 NOW = 1_790_000_000.0
 
@@ -122,7 +122,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("clean_env")
-def test_policies_from_settings_build_one_policy_per_queue() -> None:
+def test_the_settings_hold_one_policy_per_queue() -> None:
     # Given settings with a callback schedule and exponential email retries
     settings = Settings(
         callback_schedule="5s,1m",
@@ -132,8 +132,8 @@ def test_policies_from_settings_build_one_policy_per_queue() -> None:
         email_backoff_ms=2_000,
         email_max_backoff_ms=30_000,
     )
-    # When the policies are built
-    policies = policies_from_settings(settings)
+    # When the policies are read
+    policies = settings.retry_policies
     # Then each queue's policy carries its own settings
     assert set(policies) == {Queue.CALLBACKS, Queue.EMAIL}
     assert policies["callbackQueue"].schedule == (5_000, 60_000)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -17,10 +16,8 @@ from typing import Any
 
 import pytest
 import redis
-import sentry_sdk
 
-from tests.helpers import wait_until
-from whiskypay.devstack import HttpReceiver
+from tests.helpers import FakeSentry, wait_until
 from whiskypay.queue_health import HealthState, assess, tick_of
 from whiskypay.queue_stats import QueueCounts, queue_counts, ready_since_ms
 
@@ -156,55 +153,11 @@ def test_queue_counts_sees_waiting_in_flight_delayed_and_dead_messages(broker, r
     assert queue_counts(redis_client, NS, "emailQueue") == QueueCounts("emailQueue", 0, 0, 0, 0, None)
 
 
-def _decode_envelope(body: bytes, encoding: str) -> list[tuple[dict[str, Any], Any]]:
-    """Return the (item header, payload) pairs of a Sentry envelope."""
-    if encoding == "gzip":
-        body = gzip.decompress(body)
-    elif encoding:
-        raise AssertionError(f"unexpected content-encoding {encoding!r}")
-    _, _, rest = body.partition(b"\n")
-    items = []
-    while rest.strip():
-        header_line, _, rest = rest.partition(b"\n")
-        header = json.loads(header_line)
-        if "length" in header:
-            payload, rest = rest[: header["length"]], rest[header["length"] + 1 :]
-        else:
-            payload, _, rest = rest.partition(b"\n")
-        items.append((header, json.loads(payload)))
-    return items
-
-
-class SentrySink:
-    """The envelopes the real sentry-sdk POSTed to a local HttpReceiver."""
-
-    def __init__(self, receiver: HttpReceiver) -> None:
-        self.receiver = receiver
-
-    def items(self, kind: str) -> list[Any]:
-        sentry_sdk.flush(timeout=5)
-        found = []
-        for request in self.receiver.requests("/api/1/envelope/"):
-            for header, payload in _decode_envelope(request.body, request.headers.get("content-encoding", "")):
-                if header.get("type") == kind:
-                    found.append(payload)
-        return found
-
-
 @pytest.fixture
-def sentry(receiver: HttpReceiver) -> Iterator[SentrySink]:
-    """Sentry initialised in this process the way the worker does it, sending to a local receiver."""
-    from middleware.sentry import SentryReporting
-
-    SentryReporting(
-        dsn=f"http://public@127.0.0.1:{receiver.port}/1", environment="test", release="t", secrets=()
-    ).start()
-    try:
-        yield SentrySink(receiver)
-    finally:
-        sentry_sdk.flush(timeout=5)
-        sentry_sdk.get_client().close()
-        sentry_sdk.init(dsn=None)
+def sentry(sentry: FakeSentry) -> Iterator[FakeSentry]:
+    """The fake Sentry, with sentry-sdk initialised in this process the way the worker does it."""
+    with sentry.reporting_here():
+        yield sentry
 
 
 def test_an_incident_is_reported_once_across_runs_and_again_after_it_cleared(broker, redis_client, sentry):

@@ -8,15 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from settings import (
-    MAX_DELAY_MS,
-    ConfigurationError,
-    Settings,
-    load_settings,
-    parse_duration_ms,
-    parse_schedule_ms,
-    parse_webhook_secrets,
-)
+from settings import MAX_DELAY_MS, ConfigurationError, Settings, load_settings
+from whiskypay.retrying import RetryPolicy, parse_duration_ms, parse_schedule_ms
+from whiskypay.signing import parse_webhook_secrets
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(40, 64))
@@ -116,12 +110,12 @@ def test_defaults_need_no_environment() -> None:
     settings = load_settings()
     # Then the documented defaults apply
     assert settings.redis_url.get_secret_value() == "redis://127.0.0.1:6379/0"
-    assert settings.callback_attempts == 5
-    assert settings.callback_backoff_ms == 5_000
-    assert settings.email_attempts == 3
+    assert settings.callback.attempts == 5
+    assert settings.callback.backoff_ms == 5_000
+    assert settings.email.attempts == 3
     assert settings.callback_https_only is True
     assert settings.allow_private_callbacks is False
-    assert settings.webhook_keys() == ()
+    assert settings.webhook_keys == ()
 
 
 def test_variables_are_read_with_the_whiskypay_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,16 +127,16 @@ def test_variables_are_read_with_the_whiskypay_prefix(monkeypatch: pytest.Monkey
     # When loaded
     settings = load_settings()
     # Then they are applied, and the secret decodes to its keys
-    assert settings.callback_attempts == 9
+    assert settings.callback.attempts == 9
     assert settings.smtp_tls == "starttls"
-    assert settings.webhook_keys() == (KEY_A, KEY_B)
+    assert settings.webhook_keys == (KEY_A, KEY_B)
 
 
 def test_a_dotenv_file_in_the_working_directory_is_read(tmp_path: Path) -> None:
     # Given a .env file in the current directory (the fixture chdir'ed to tmp_path)
     (tmp_path / ".env").write_text("WHISKYPAY_EMAIL_ATTEMPTS=7\n")
     # When loaded, then its value applies
-    assert load_settings().email_attempts == 7
+    assert load_settings().email.attempts == 7
 
 
 def test_secrets_never_print_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,4 +207,23 @@ def test_settings_are_frozen() -> None:
     # Given loaded settings, when a field is assigned, then it is refused
     settings = Settings()
     with pytest.raises(Exception, match="frozen"):
-        settings.callback_attempts = 3  # type: ignore[misc]
+        settings.namespace = "other"  # type: ignore[misc]
+    with pytest.raises(Exception, match="frozen"):
+        settings.callback.attempts = 3  # type: ignore[misc]
+
+
+def test_each_queues_variables_make_its_one_retry_policy_and_keep_its_other_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given one variable of each queue's policy (the names the BullMQ service used), and one beside them
+    monkeypatch.setenv("WHISKYPAY_CALLBACK_SCHEDULE", "5s, 1m")
+    monkeypatch.setenv("WHISKYPAY_EMAIL_MAX_BACKOFF_MS", "30000")
+    monkeypatch.setenv("WHISKYPAY_CALLBACK_HTTPS_ONLY", "false")
+    # When loaded
+    settings = load_settings()
+    # Then each queue has one policy, parsed once, with that queue's defaults for the rest
+    callbacks = RetryPolicy(attempts=5, backoff_ms=5_000, schedule=(5_000, 60_000))
+    assert settings.retry_policies["callbackQueue"] == callbacks
+    assert settings.retry_policies["emailQueue"] == RetryPolicy(attempts=3, backoff_ms=10_000, max_backoff_ms=30_000)
+    assert settings.retry_policies is settings.retry_policies
+    assert settings.callback_https_only is False

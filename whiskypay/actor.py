@@ -8,12 +8,10 @@ from typing import Any
 import redis
 from dramatiq import Actor, Message
 
-from middleware.idempotency import DuplicateEvent, IdempotentEnqueue
-from whiskypay.schemas import InvalidPayload
+from middleware.idempotency import IdempotentEnqueue
+from whiskypay.errors import DuplicateEvent, EnqueueError, InvalidPayload
 
-
-class EnqueueError(Exception):
-    """The job was NOT accepted (Redis unreachable or failing); the gateway must retry or record it."""
+__all__ = ["EnqueueError", "WhiskyPayActor"]
 
 
 class WhiskyPayActor(Actor[Any, Any]):

@@ -15,18 +15,17 @@ from middleware.dead_letters import DeadLetterReasons
 from middleware.delivery_metrics import DeliveryMetrics
 from middleware.http_client import HttpClients
 from middleware.idempotency import IdempotentEnqueue
-from middleware.metrics_exporter import MetricsExporter
+from middleware.metrics_exporter import MetricsExporter, serve_metrics_on
 from middleware.outcome_counters import OutcomeCounters
 from middleware.retry_policy import QueueRetryPolicy
 from middleware.sentry import SentryReporting
 from middleware.signing import WebhookSigning
 from middleware.smtp_client import SmtpClients
 from middleware.validation import PayloadValidation
-from settings import Settings
+from settings import Settings, get_settings
 from whiskypay.queues import Queue
 from whiskypay.redaction import install_log_redaction, url_password
 from whiskypay.redis_broker import WhiskyPayRedisBroker
-from whiskypay.retrying import policies_from_settings
 from whiskypay.schemas import CallbackArgs, EmailArgs
 
 M = TypeVar("M", bound=Middleware)
@@ -96,7 +95,7 @@ def build_broker(settings: Settings) -> RedisBroker:
             https_only=settings.callback_https_only,
         ),
         IdempotentEnqueue(window_s=settings.idempotency_window_s),
-        WebhookSigning(keys=settings.webhook_keys()),
+        WebhookSigning(keys=settings.webhook_keys),
         # QueueRetryPolicy is last, so its after_process_message runs first (after_* hooks run in reverse):
         # it decides retry or fail before anything looks at `message.failed`. SentryReporting and
         # DeadLetterReasons act in before_nack, which every dead-lettered message passes once, in this order:
@@ -108,12 +107,12 @@ def build_broker(settings: Settings) -> RedisBroker:
             secrets=secrets_of(settings),
         ),
         DeadLetterReasons(),
-        QueueRetryPolicy(policies=policies_from_settings(settings), retry_after_max_ms=settings.retry_after_max_ms),
+        QueueRetryPolicy(policies=settings.retry_policies, retry_after_max_ms=settings.retry_after_max_ms),
     ]
     if settings.metrics_enabled:
         # Appended last: their after-hooks run first, so DeliveryMetrics counts outcomes in after_ack/after_nack,
         # once QueueRetryPolicy has decided. MetricsExporter (Dramatiq's Prometheus) serves both on metrics_port.
-        middleware += [MetricsExporter(), DeliveryMetrics(queues=(Queue.CALLBACKS, Queue.EMAIL))]
+        middleware += [MetricsExporter(fork=serve_metrics), DeliveryMetrics(queues=(Queue.CALLBACKS, Queue.EMAIL))]
     install_log_redaction(list(Queue))
     return WhiskyPayRedisBroker(
         client=redis_client(settings),
@@ -124,6 +123,14 @@ def build_broker(settings: Settings) -> RedisBroker:
         max_message_bytes=settings.max_message_bytes,
         middleware=middleware,
     )
+
+
+def serve_metrics() -> int:
+    """Serve /metrics on WHISKYPAY_METRICS_PORT: the fork MetricsExporter starts from every `dramatiq` master.
+
+    The master imports a fork by name and calls it without arguments, so it reads the port from the settings.
+    """
+    return serve_metrics_on(get_settings().metrics_port)
 
 
 def middleware_of(broker: Broker, kind: type[M]) -> M:

@@ -1,8 +1,9 @@
-"""`whiskypay dashboard`: dramatiq-dashboard for our broker, behind HTTP basic auth, served by waitress.
+"""The dashboard's WSGI app: dramatiq-dashboard for our broker, behind HTTP basic auth, every page scrubbed.
 
-dramatiq-dashboard 0.4.0 declares `dramatiq<2` and `redis<5`; it is installed with `pip install --no-deps` next to
-our Dramatiq 2 and redis-py (docs/dashboard.md says why and what was checked). It lists only the queues declared in
-its own process, so the handler imports `actors` (which builds the broker from settings and declares both queues).
+`whiskypay dashboard` (whiskypay/cli/dashboard.py) serves it with waitress. dramatiq-dashboard 0.4.0 declares
+`dramatiq<2` and `redis<5`; it is installed with `pip install --no-deps` next to our Dramatiq 2 and redis-py
+(docs/dashboard.md says why and what was checked). It lists only the queues declared in its own process, so the
+command imports `actors` (which builds the broker from settings and declares both queues) before `build_app`.
 
 The WSGI stack, outermost first:
 
@@ -13,14 +14,12 @@ The WSGI stack, outermost first:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import hmac
 import html
 import ipaddress
 import re
-import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -30,20 +29,11 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from dramatiq.brokers.redis import RedisBroker
 
-#: Where the dashboard listens unless --host says otherwise: loopback only.
-DEFAULT_HOST = "127.0.0.1"
-
-#: The dashboard's default TCP port.
-DEFAULT_PORT = 8081
-
 #: The dramatiq-dashboard release this module was written and tested against.
 DASHBOARD_VERSION = "0.4.0"
 
 #: The realm browsers show in their login prompt.
 REALM = "WhiskyPay dashboard"
-
-#: waitress worker threads: a handful of operators, each page a few Redis calls.
-THREADS = 4
 
 #: Headers added to every response: no framing (the pages carry requeue/delete buttons), no caching, no referrer.
 SECURITY_HEADERS = (
@@ -52,12 +42,6 @@ SECURITY_HEADERS = (
     ("Cache-Control", "no-store"),
     ("Referrer-Policy", "no-referrer"),
     ("X-Content-Type-Options", "nosniff"),
-)
-
-_MISSING_CREDENTIALS = (
-    "whiskypay dashboard: refusing to start without credentials; the dashboard can requeue and delete messages.\n"
-    "Set WHISKYPAY_DASHBOARD_USERNAME and WHISKYPAY_DASHBOARD_PASSWORD (a long random password, e.g. from\n"
-    "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`) in the environment or .env, then start again."
 )
 
 # The query string or fragment of an http(s) URL in an HTML page, up to the closing quote (raw or escaped).
@@ -197,45 +181,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def serve(args: argparse.Namespace) -> int:
-    """Serve the dashboard with waitress until interrupted; exit 2 if the configuration is unusable."""
-    from settings import ConfigurationError, get_settings
-
-    try:
-        settings = get_settings()
-    except ConfigurationError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    password = settings.dashboard_password.get_secret_value() if settings.dashboard_password else ""
-    if not settings.dashboard_username or not password:
-        print(_MISSING_CREDENTIALS, file=sys.stderr)
-        return 2
-    if not is_loopback(args.host):
-        print(
-            f"WARNING: whiskypay dashboard listens on {args.host}, reachable from other machines. Basic auth over\n"
-            "WARNING: plain HTTP sends the password in clear: put a TLS proxy in front, or bind to 127.0.0.1 and\n"
-            "WARNING: reach it through an SSH tunnel.",
-            file=sys.stderr,
-        )
-
-    import waitress
-
-    import actors
-    from whiskypay.broker import secrets_of
-
-    app = build_app(actors.broker, username=settings.dashboard_username, password=password,
-                    secrets=secrets_of(settings))  # fmt: skip
-    queues = ", ".join(sorted(actors.broker.get_declared_queues()))
-    print(f"WhiskyPay dashboard on http://{args.host}:{args.port}/ (queues: {queues}); Ctrl-C stops it.", flush=True)
-    waitress.serve(app, host=args.host, port=args.port, threads=THREADS, ident="whiskypay-dashboard")
-    return 0
-
-
-def register(commands: Any) -> None:
-    """Add `dashboard` to the `whiskypay` command."""
-    p = commands.add_parser("dashboard", help="serve dramatiq-dashboard for our queues, behind HTTP basic auth")
-    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
-    p.set_defaults(handler=serve)

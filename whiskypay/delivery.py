@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
-from whiskypay.errors import DeliveryError, EndpointGone, HttpStatusError, RefusedHost
+from whiskypay.errors import DeliveryError, EndpointGone, HttpStatusError, RefusedHost, WhiskyPayError
 from whiskypay.retrying import parse_retry_after_ms
 
 
@@ -35,13 +35,36 @@ def post_webhook(
 
     Redirects are not followed (a 3xx is a failure). At most max_response_bytes of the response are read;
     a longer body closes the connection instead of being read to the end. Error texts carry the host only.
+    This is the one timer of an attempt: its duration is the Attempt's, or the raised error's `duration_ms`.
 
     Parameters:
       connect_timeout_s, read_timeout_s: Socket timeouts, in seconds.
       max_response_bytes: The most of the response body read, in bytes.
     """
-    host = urlsplit(url).hostname or "?"
     started = time.perf_counter()
+    try:
+        status = _post(
+            session, url, body, headers, started=started, connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s, max_response_bytes=max_response_bytes,
+        )
+    except WhiskyPayError as exc:
+        exc.duration_ms = (time.perf_counter() - started) * 1000
+        raise
+    return Attempt(status=status, duration_ms=(time.perf_counter() - started) * 1000)
+
+
+def _post(
+    session: requests.Session,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    started: float,
+    connect_timeout_s: float,
+    read_timeout_s: float,
+    max_response_bytes: int,
+) -> int:
+    host = urlsplit(url).hostname or "?"
     try:
         response = session.post(
             url,
@@ -72,10 +95,9 @@ def post_webhook(
         raise DeliveryError(f"could not connect to {host} ({reason})", host=host) from None
     except requests.RequestException as exc:
         raise DeliveryError(f"request to {host} failed ({type(exc).__name__})", host=host) from None
-    duration_ms = (time.perf_counter() - started) * 1000
     status = response.status_code
     if 200 <= status < 300:
-        return Attempt(status=status, duration_ms=duration_ms)
+        return status
     if status == 410:
         raise EndpointGone(f"HTTP 410 Gone from {host}: the merchant removed this endpoint", host=host, http_status=410)
     retry_after = parse_retry_after_ms(response.headers.get("Retry-After"), now=time.time())

@@ -1,6 +1,13 @@
-"""Errors raised by WhiskyPay Workers.
+"""Every exception class of WhiskyPay Workers, in one tree.
 
     WhiskyPayError
+    ├── ConfigurationError        a WHISKYPAY_ setting is missing or malformed (`settings.load_settings`)
+    ├── WorkerStartRefused        a worker cannot start with this configuration (a Dramatiq MiddlewareError)
+    ├── InvalidPayload            send() refused the arguments; nothing was enqueued (a Dramatiq MiddlewareError)
+    ├── DuplicateEvent            send() found its event_id already enqueued (a Dramatiq MiddlewareError)
+    ├── EnqueueError              send() could not reach Redis: the job was NOT accepted
+    ├── WebhookVerificationError  a received webhook's headers or signature do not check out (merchant side)
+    ├── OpsError                  an operations command cannot use Redis or the configuration (exit status 2)
     ├── PermanentError            never retried: listed in the actors' `throws`
     │   ├── EndpointGone          the merchant answered 410 Gone
     │   ├── RefusedHost           the callback host resolved to a private/reserved address
@@ -11,6 +18,8 @@
     │   └── HttpStatusError       the merchant answered something other than 2xx
     └── SmtpTemporaryError        an SMTP 4xx reply or a lost connection; retried
 
+The three MiddlewareErrors follow Dramatiq's contract: raised from a `before_*` hook, they make `send()`
+(or the worker's start) fail, where any other exception would be logged and ignored. Deferred,
 DeliveryError and SmtpTemporaryError are also Dramatiq `Retry`s (with no delay of their own): an expected,
 retryable failure is logged as one line by the actor instead of a traceback per attempt by the worker.
 
@@ -18,13 +27,16 @@ Every message is safe to log and to send to Sentry: hosts and status codes, neve
 bodies, headers, addresses or secrets. Errors that wrap a library error are raised `from None` when the
 library's text would carry a URL or an address.
 
-`InvalidPayload` (in `whiskypay.schemas`) is a Dramatiq `MiddlewareError`: it makes `send()` raise in the
-gateway and nothing is enqueued.
+Public import paths kept by re-export: `settings.ConfigurationError`, `whiskypay.schemas.InvalidPayload`,
+`whiskypay.actor.EnqueueError`, `whiskypay.signing.WebhookVerificationError` (and `whiskypay.cli.ops.OpsError`,
+`middleware.signing.WorkerStartRefused`, `middleware.idempotency.DuplicateEvent`, where they are raised).
+This module imports nothing from the project: every other module may import it.
 """
 
 from __future__ import annotations
 
 from dramatiq import Retry
+from dramatiq.middleware import MiddlewareError
 
 
 class WhiskyPayError(Exception):
@@ -35,9 +47,41 @@ class WhiskyPayError(Exception):
       tags(dict): Safe triage facts (host, http_status, smtp_code) copied to Sentry tags.
     """
 
+    #: How long the attempt that raised this took, in milliseconds, when it was timed (webhook attempts).
+    duration_ms: float | None = None
+
     def __init__(self, message: str, **tags: str | int | None) -> None:
         super().__init__(message)
         self.tags = {key: value for key, value in tags.items() if value is not None}
+
+
+class ConfigurationError(WhiskyPayError):
+    """A setting is missing or malformed; the text names the WHISKYPAY_ variable and the fix."""
+
+
+class WorkerStartRefused(WhiskyPayError, MiddlewareError):
+    """A worker cannot start with this configuration; the text names the setting and the fix."""
+
+
+class InvalidPayload(WhiskyPayError, MiddlewareError):
+    """An actor's arguments failed its schema; nothing was enqueued. The text names each field and problem."""
+
+
+class DuplicateEvent(WhiskyPayError, MiddlewareError):
+    """This event_id was already enqueued within the window; `WhiskyPayActor.send` returns without enqueuing."""
+
+
+class EnqueueError(WhiskyPayError):
+    """The job was NOT accepted (Redis unreachable or failing); the gateway must retry or record it."""
+
+
+class WebhookVerificationError(WhiskyPayError):
+    """The webhook's headers or signature do not check out; the receiver must reject it (HTTP 400)."""
+
+
+class OpsError(WhiskyPayError):
+    """Redis or the configuration cannot be used by `whiskypay status/failed/retry`; the text names the setting
+    and the fix."""
 
 
 class PermanentError(WhiskyPayError):

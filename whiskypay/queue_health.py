@@ -6,9 +6,9 @@ Two conditions are watched per queue:
   stale         the next waiting message has been ready longer than the threshold (no worker takes it);
                 the incident closes when that is no longer so.
 An incident is "new" (to be reported) only on the run that opens it. The state lives in Redis, in the hash
-`<namespace>:whiskypay.health:<queue>`, so every worker process and every run shares it. A per-minute lock
-(`<namespace>:whiskypay.health.tick:<minute>`) makes a second run for the same scheduled minute a no-op,
-which is what two schedulers started by mistake produce.
+`keys.health_state` (fields `dead_letters_seen`, `open`: comma-separated kinds, `checked_at`: unix ms), so
+every worker process and every run shares it. A per-minute lock (`keys.health_tick`) makes a second run for
+the same scheduled minute a no-op, which is what two schedulers started by mistake produce.
 """
 
 from __future__ import annotations
@@ -19,16 +19,10 @@ from typing import Literal
 
 import redis
 
+from whiskypay import keys
 from whiskypay.queue_stats import QueueCounts
 
 Kind = Literal["dead_letters", "stale"]
-
-#: The health state's hash is `<namespace>:whiskypay.health:<queue>`, fields `dead_letters_seen`, `open`
-#: (comma-separated kinds) and `checked_at` (unix ms).
-STATE_KEY = "whiskypay.health"
-
-#: One lock per scheduled minute: `<namespace>:whiskypay.health.tick:<YYYY-MM-DDTHH:MMZ>`.
-TICK_KEY = "whiskypay.health.tick"
 
 
 @dataclass(frozen=True)
@@ -108,7 +102,7 @@ def take_tick(client: redis.Redis, namespace: str, tick: str, *, lock_s: int) ->
       tick: The minute, as `tick_of` returns it.
       lock_s: How long the lock is held, in seconds.
     """
-    return bool(client.set(f"{namespace}:{TICK_KEY}:{tick}", 1, nx=True, ex=lock_s))
+    return bool(client.set(keys.health_tick(namespace, tick), 1, nx=True, ex=lock_s))
 
 
 def load_state(client: redis.Redis, namespace: str, queue: str) -> HealthState:
@@ -120,8 +114,7 @@ def load_state(client: redis.Redis, namespace: str, queue: str) -> HealthState:
       queue: The queue name.
     """
     raw = {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in client.hgetall(f"{namespace}:{STATE_KEY}:{queue}").items()
+        keys.text(k): keys.text(v) for k, v in client.hgetall(keys.health_state(namespace, queue)).items()
     }
     seen = raw.get("dead_letters_seen")
     return HealthState(
@@ -141,7 +134,7 @@ def save_state(client: redis.Redis, namespace: str, queue: str, state: HealthSta
       now_ms: The time of this run, in unix milliseconds (stored as `checked_at`).
     """
     client.hset(
-        f"{namespace}:{STATE_KEY}:{queue}",
+        keys.health_state(namespace, queue),
         mapping={
             "dead_letters_seen": "" if state.dead_letters_seen is None else state.dead_letters_seen,
             "open": ",".join(sorted(state.open)),

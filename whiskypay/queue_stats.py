@@ -1,15 +1,8 @@
 """Per-queue counts read straight from the Redis broker's keys: waiting, delayed, in flight, dead-lettered.
 
-The keys (namespace `ns`, queue `Q`), as Dramatiq's dispatch.lua writes them:
-  ns:Q               list of waiting message ids; workers LPOP from the head, so the head is next
-  ns:Q.msgs          hash id -> encoded message, for every message of ns:Q not yet acked
-  ns:Q.DQ            list of delayed messages (retries waiting out their backoff) not yet fetched
-  ns:Q.XQ            zset of dead-lettered ids, score = when they were dead-lettered (ms)
-  ns:__heartbeats__  zset of worker ids, score = last heartbeat (ms)
-  ns:__acks__.W.Q    set of ids worker W fetched from Q and has not acked yet (Q.DQ likewise)
-Workers prefetch: "in flight" counts messages being processed *and* those held in a worker's memory; and a
-worker holds every delayed message it fetched until it is due, so most delayed messages live in
-ns:__acks__.W.Q.DQ rather than in ns:Q.DQ. Both are counted.
+It reads Dramatiq's key layout (drawn in `whiskypay.keys`). Workers prefetch: "in flight" counts messages
+being processed *and* those held in a worker's memory; and a worker holds every delayed message it fetched
+until it is due, so most delayed messages live in ns:__acks__.W.Q.DQ rather than in ns:Q.DQ. Both are counted.
 """
 
 from __future__ import annotations
@@ -17,9 +10,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import redis
+from dramatiq.common import dq_name
+
+from whiskypay import keys
 
 
 @dataclass(frozen=True)
@@ -41,10 +36,6 @@ class QueueCounts:
     in_flight: int
     dead_letters: int
     oldest_wait_ms: int | None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def ready_since_ms(encoded: bytes | str) -> int | None:
@@ -72,20 +63,20 @@ def queue_counts(client: redis.Redis, namespace: str, queue: str, *, now_ms: int
       now_ms: The current time in unix milliseconds; the wall clock when None.
     """
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    base = f"{namespace}:{queue}"
-    workers = [_text(worker) for worker in client.zrange(f"{namespace}:__heartbeats__", 0, -1)]
+    base = keys.queue(namespace, queue)
+    workers = [keys.text(worker) for worker in client.zrange(keys.heartbeats(namespace), 0, -1)]
     pipe = client.pipeline(transaction=False)
     pipe.llen(base)
-    pipe.llen(f"{base}.DQ")
-    pipe.zcard(f"{base}.XQ")
+    pipe.llen(keys.delayed(namespace, queue))
+    pipe.zcard(keys.dead_letters(namespace, queue))
     pipe.lindex(base, 0)
     for worker in workers:
-        pipe.scard(f"{namespace}:__acks__.{worker}.{queue}")
-        pipe.scard(f"{namespace}:__acks__.{worker}.{queue}.DQ")
+        pipe.scard(keys.acks(namespace, worker, queue))
+        pipe.scard(keys.acks(namespace, worker, dq_name(queue)))
     waiting, delayed, dead, head, *acks = pipe.execute()
     oldest_wait_ms = None
     if head is not None:
-        encoded = client.hget(f"{base}.msgs", head)
+        encoded = client.hget(keys.messages(namespace, queue), head)
         since = ready_since_ms(encoded) if encoded is not None else None
         if since is not None:
             oldest_wait_ms = max(0, now_ms - since)

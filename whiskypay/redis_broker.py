@@ -5,8 +5,8 @@ a dead worker's messages) as they are:
 
 - Wake-up instead of sleep. Stock consumers poll an empty queue with a backoff up to the worker timeout
   (measured here: pickup p50 about 300 ms, p99 about 900 ms). Here every enqueue also PUBLISHes on
-  `<namespace>:wake:<queue>`, inside Dramatiq's own Lua script (two lines appended to it, so no extra round
-  trip), and an idle consumer waits on an event that one subscriber thread per process sets. An ack or
+  `<namespace>:wake:<queue>` (`keys.wake_channel`), inside Dramatiq's own Lua script (two lines appended to it,
+  so no extra round trip), and an idle consumer waits on an event that one subscriber thread per process sets. An ack or
   nack sets it too, so a consumer whose prefetch window was full refills at once. The consumer still polls
   every worker timeout (1 s by default), so messages that arrive without a publish (requeues, maintenance,
   other producers) are found as before.
@@ -40,7 +40,9 @@ from dramatiq.common import compute_backoff, current_millis, q_name
 from dramatiq.errors import DecodeError
 from dramatiq.logging import get_logger
 
-from whiskypay.schemas import InvalidPayload
+from whiskypay import keys
+from whiskypay.errors import InvalidPayload
+from whiskypay.outcomes import failure_options
 
 #: Maintenance requeues dead workers' messages; ack and nack never trigger it (as in Dramatiq).
 _NO_MAINTENANCE = frozenset({"ack", "nack"})
@@ -51,13 +53,6 @@ POISON_SAMPLE_BYTES = 2048
 #: The actor name given to the placeholder of an undecodable message.
 UNDECODABLE_ACTOR = "undecodable-message"
 
-#: Appended to Dramatiq's dispatch.lua (whose enqueue branch ends without returning): the wake-up is published
-#: by the same script call that enqueues, so it costs no round trip. The channel is QueueWaker.channel's.
-WAKE_ON_ENQUEUE_LUA = b"""
-if command == "enqueue" then
-    redis.call("publish", namespace .. ":wake:" .. queue_name, "1")
-end
-"""
 
 
 class QueueWaker:
@@ -80,7 +75,7 @@ class QueueWaker:
 
     def channel(self, queue_name: str) -> str:
         """Return the wake channel of queue_name."""
-        return f"{self.namespace}:wake:{queue_name}"
+        return keys.wake_channel(self.namespace, queue_name)
 
     def register(self, queue_name: str, event: threading.Event) -> None:
         """Set event whenever a message is published to queue_name."""
@@ -123,8 +118,7 @@ class QueueWaker:
                         continue
                 message = pubsub.get_message(timeout=0.5)
                 if message and message.get("type") == "message":
-                    channel = message["channel"]
-                    channel = channel.decode() if isinstance(channel, bytes) else channel
+                    channel = keys.text(message["channel"])
                     with self._lock:
                         events = list(self._events.get(channel, ()))
                     for event in events:
@@ -164,7 +158,7 @@ class WhiskyPayRedisBroker(RedisBroker):
         self.enqueue_waits_for_redis = False
         self._last_maintenance: dict[str, int] = {}
         self.waker = QueueWaker(self.client, self.namespace)
-        self.scripts["dispatch"] = self.client.register_script(_scripts["dispatch"] + WAKE_ON_ENQUEUE_LUA)
+        self.scripts["dispatch"] = self.client.register_script(_scripts["dispatch"] + keys.WAKE_ON_ENQUEUE_LUA)
 
     @property
     def consumer_class(self) -> type[_RedisConsumer]:
@@ -247,11 +241,12 @@ class WhiskyPayRedisBroker(RedisBroker):
 
         Returns False if the message could not be found among this worker's unacked messages.
         """
-        acks = f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
-        messages = f"{self.namespace}:{queue_name}.msgs"
+        acks = keys.acks(self.namespace, self.broker_id, queue_name)
+        messages = keys.messages(self.namespace, queue_name)
         for raw_id in self.client.smembers(acks):
             if self.client.hget(messages, raw_id) == data:
-                redis_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                redis_id = keys.text(raw_id)
+                exception = DecodeError(reason, b"", None)
                 placeholder: Message[Any] = Message(
                     queue_name=q_name(queue_name),
                     actor_name=UNDECODABLE_ACTOR,
@@ -259,8 +254,7 @@ class WhiskyPayRedisBroker(RedisBroker):
                     kwargs={},
                     options={
                         "redis_message_id": redis_id,
-                        "traceback": f"DecodeError: {reason}",
-                        "failure_class": "DecodeError",
+                        **failure_options(exception),
                         "raw_base64": base64.b64encode(data[:POISON_SAMPLE_BYTES]).decode(),
                         "raw_size": len(data),
                     },
@@ -268,7 +262,7 @@ class WhiskyPayRedisBroker(RedisBroker):
                 self.client.hset(messages, redis_id, placeholder.encode())
                 proxy = MessageProxy(placeholder)
                 proxy.fail()
-                proxy.stuff_exception(DecodeError(reason, b"", None))
+                proxy.stuff_exception(exception)
                 # The nack hooks report it (Sentry) and store its reason, as for any other dead letter.
                 self.emit_before("nack", proxy)
                 self.do_nack(queue_name, redis_id)

@@ -1,14 +1,39 @@
-"""Retry policies, pure: how long to wait before each retry of a queue's messages, and Retry-After parsing."""
+"""Retry policies, pure: how long to wait before each retry of a queue's messages; durations, schedules and
+Retry-After parsed into milliseconds."""
 
 from __future__ import annotations
 
 import email.utils
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
-from settings import MAX_DELAY_MS, Settings, parse_schedule_ms
 from whiskypay.queues import Queue
+
+#: The longest delay Dramatiq accepts for a message, in milliseconds (7 days).
+#: Backoffs, schedules and Retry-After waits above it are rejected at start or clamped.
+MAX_DELAY_MS = 7 * 24 * 60 * 60 * 1000
+
+_DURATION = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,6})?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    """Parse "500ms", "5s", "5m", "2h", "1d" or a bare number of milliseconds into milliseconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration; write it like 500ms, 5s, 5m, 2h or 1d")
+    return int(float(match.group(1)) * _UNIT_MS[match.group(2) or "ms"])
+
+
+def parse_schedule_ms(text: str) -> tuple[int, ...]:
+    """Parse a comma-separated retry schedule ("5s,5m,30m") into waits in milliseconds."""
+    waits = tuple(parse_duration_ms(part) for part in text.split(",") if part.strip())
+    for wait in waits:
+        if wait > MAX_DELAY_MS:
+            raise ValueError(f"a wait of {wait} ms exceeds {MAX_DELAY_MS} ms (7 days), the longest Dramatiq allows")
+    return waits
 
 
 @dataclass(frozen=True)
@@ -49,25 +74,12 @@ class RetryPolicy:
         return int(base * (1.0 - self.jitter * rand()))
 
 
-def policies_from_settings(settings: Settings) -> dict[str, RetryPolicy]:
-    """Build the per-queue policies from the WHISKYPAY_CALLBACK_* and WHISKYPAY_EMAIL_* settings."""
-    s = settings
-    return {
-        Queue.CALLBACKS: RetryPolicy(
-            attempts=s.callback_attempts,
-            backoff_ms=s.callback_backoff_ms,
-            max_backoff_ms=s.callback_max_backoff_ms,
-            jitter=s.callback_jitter,
-            schedule=parse_schedule_ms(s.callback_schedule),
-        ),
-        Queue.EMAIL: RetryPolicy(
-            attempts=s.email_attempts,
-            backoff_ms=s.email_backoff_ms,
-            max_backoff_ms=s.email_max_backoff_ms,
-            jitter=s.email_jitter,
-            schedule=parse_schedule_ms(s.email_schedule),
-        ),
-    }
+#: The policies the Node/BullMQ service had, the defaults of WHISKYPAY_CALLBACK_* and WHISKYPAY_EMAIL_*:
+#: 5 tries from 5 s for webhooks, 3 tries from 10 s for emails, exponential.
+DEFAULT_POLICIES: Mapping[str, RetryPolicy] = MappingProxyType({
+    Queue.CALLBACKS: RetryPolicy(attempts=5, backoff_ms=5_000),
+    Queue.EMAIL: RetryPolicy(attempts=3, backoff_ms=10_000),
+})
 
 
 def parse_retry_after_ms(value: str | None, *, now: float) -> int | None:

@@ -1,4 +1,4 @@
-"""The argument schema of each actor, as pydantic models, and the error that stops a bad send().
+"""The argument schema of each actor, as pydantic models; InvalidPayload (re-exported) stops a bad send().
 
 The same models run at `send()` in the gateway (nothing invalid reaches Redis) and before processing in the
 worker (a message from a foreign producer or an old version is dead-lettered with the reason).
@@ -13,7 +13,6 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import email_validator
-from dramatiq.middleware import MiddlewareError
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -24,6 +23,11 @@ from pydantic import (
     field_validator,
 )
 
+from whiskypay.errors import InvalidPayload
+
+__all__ = ["MAX_PRICE", "MAX_URL_LENGTH", "CallbackArgs", "EmailArgs", "InvalidPayload", "check_email", "describe",
+           "validate_args"]
+
 #: The longest URL we accept, in characters.
 MAX_URL_LENGTH = 2048
 
@@ -33,10 +37,6 @@ MAX_PRICE = 10**12
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _CONTROL_OR_SPACE = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _EVENT_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
-
-
-class InvalidPayload(MiddlewareError):
-    """An actor's arguments failed its schema; nothing was enqueued. The text names each field and problem."""
 
 
 def _no_control_characters(value: str) -> str:

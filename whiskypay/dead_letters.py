@@ -1,0 +1,247 @@
+"""Dead letters: decode and list a queue's dead-letter set, and re-drive one back onto its queue atomically.
+
+This is the domain under `whiskypay failed` and `whiskypay retry` (whiskypay/cli/ops.py prints what it returns).
+It reads Dramatiq's Redis layout directly (`<queue>.XQ`, a sorted set of redis ids scored by when they died, and
+`<queue>.XQ.msgs`, the hash of their encoded messages) and never imports `actors`, so it needs no worker
+configuration. Decoding and building the re-driven message are pure and take plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from whiskypay import keys
+from whiskypay.redaction import mask_email, scrub_text, url_host
+
+if TYPE_CHECKING:
+    import redis
+
+#: Options a re-drive drops so the message starts over with a fresh attempt count and no stale failure.
+#: `message_id` and the `webhook_id` option are kept: the merchant sees the same webhook-id as before.
+REDRIVE_DROPPED_OPTIONS = frozenset(
+    {"retries", "traceback", "failure_class", "failed_at", "requeue_timestamp", "eta", "redis_message_id"}
+)
+
+#: How many dead letters are read from Redis per round trip.
+BATCH_SIZE = 500
+
+#: Move one dead letter back onto its queue, atomically: a message is re-driven once, or not at all.
+#: It mirrors Dramatiq's dispatch.lua "enqueue" (HSET into `<queue>.msgs`, RPUSH the id onto `<queue>`),
+#: so workers pick it up as any other message. KEYS: XQ, XQ.msgs, <queue>.msgs, <queue>;
+#: ARGV: dead redis id, the data read earlier, new redis id, new data. Returns 1 moved, 0 no longer
+#: dead-lettered (re-driven by someone else, or expired), -1 changed since it was read (left alone).
+REDRIVE_LUA = """
+if not redis.call("zscore", KEYS[1], ARGV[1]) then
+    return 0
+end
+if redis.call("hget", KEYS[2], ARGV[1]) ~= ARGV[2] then
+    return -1
+end
+redis.call("zrem", KEYS[1], ARGV[1])
+redis.call("hdel", KEYS[2], ARGV[1])
+redis.call("hset", KEYS[3], ARGV[3], ARGV[4])
+redis.call("rpush", KEYS[4], ARGV[3])
+return 1
+"""
+
+RedriveResult = Literal["re-driven", "gone", "changed"]
+
+#: Positional argument order of our actors, for messages sent with args instead of kwargs.
+_POSITIONAL = {
+    "send_callback": ("callback_url", "email"),
+    "send_email": ("buyer_email", "merchant_email"),
+}
+
+
+def iso_time(ms: int | None) -> str | None:
+    """Return "2026-11-28T00:30:12Z" for a unix time in milliseconds, or None."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def encode_message(message: dict[str, Any]) -> bytes:
+    """Encode a message dict the way Dramatiq's default JSONEncoder does (compact UTF-8 JSON)."""
+    return json.dumps(message, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead-lettered message as stored in `<queue>.XQ.msgs`, decoded when its JSON is readable.
+
+    Parameters:
+      queue: The queue whose dead-letter set holds it.
+      redis_id: Its id in the XQ set and hash (Dramatiq's `redis_message_id`).
+      raw: The stored bytes, exactly as read (the re-drive script checks them).
+      dead_at_ms: Its score in the XQ set: when it was dead-lettered, unix milliseconds.
+      message: The decoded message, or None when unreadable.
+      problem: Why it is unreadable, or None.
+    """
+
+    queue: str
+    redis_id: str
+    raw: bytes
+    dead_at_ms: int
+    message: dict[str, Any] | None
+    problem: str | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The message's options ({} when unreadable)."""
+        options = (self.message or {}).get("options")
+        return options if isinstance(options, dict) else {}
+
+    @property
+    def message_id(self) -> str:
+        """Dramatiq's message id (stable across retries), or the Redis id when unreadable."""
+        value = (self.message or {}).get("message_id")
+        return value if isinstance(value, str) else self.redis_id
+
+    @property
+    def actor(self) -> str | None:
+        """The actor name, or None when unreadable."""
+        value = (self.message or {}).get("actor_name")
+        return value if isinstance(value, str) else None
+
+    @property
+    def failed_at_ms(self) -> int:
+        """When it failed: the `failed_at` option, else its XQ score; unix milliseconds."""
+        value = self.options.get("failed_at")
+        return value if isinstance(value, int) else self.dead_at_ms
+
+    @property
+    def attempts(self) -> int | None:
+        """How many attempts were made (retries + 1), or None when unreadable."""
+        if self.message is None:
+            return None
+        retries = self.options.get("retries", 0)
+        return (retries if isinstance(retries, int) else 0) + 1
+
+    @property
+    def error(self) -> str | None:
+        """The last error ("ErrorClass: text"), with addresses masked and URLs cut to their host."""
+        if self.message is None:
+            return f"unreadable: {self.problem}"
+        value = self.options.get("traceback")
+        return scrub_text(str(value)) if value else None
+
+    def argument(self, name: str) -> object:
+        """Return the actor argument called name, from kwargs or by its position in args."""
+        message = self.message or {}
+        kwargs = message.get("kwargs")
+        if isinstance(kwargs, dict) and name in kwargs:
+            return kwargs[name]
+        args = message.get("args")
+        order = _POSITIONAL.get(self.actor or "", ())
+        if isinstance(args, list) and name in order and order.index(name) < len(args):
+            return args[order.index(name)]
+        return None
+
+    @property
+    def callback_host(self) -> str | None:
+        """The callback URL's host (never the path or query), or None."""
+        return url_host(self.argument("callback_url"))
+
+    @property
+    def buyer(self) -> str | None:
+        """The buyer's email, masked ("b***@example.com"), or None."""
+        for name in ("email", "buyer_email"):
+            value = self.argument(name)
+            if isinstance(value, str):
+                masked = mask_email(value)
+                return masked if masked != value else "***"
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """Return the fields safe to show (never the arguments), for tables and --json."""
+        return {
+            "message_id": self.message_id,
+            "actor": self.actor,
+            "queue": self.queue,
+            "failed_at": iso_time(self.failed_at_ms),
+            "failed_at_ms": self.failed_at_ms,
+            "attempts": self.attempts,
+            "last_error": self.error,
+            "callback_host": self.callback_host,
+            "buyer": self.buyer,
+            "webhook_id": self.options.get("webhook_id"),
+            "readable": self.message is not None,
+        }
+
+
+def decode_dead_letter(queue: str, redis_id: str, raw: bytes, dead_at_ms: int) -> DeadLetter:
+    """Decode one stored dead letter; unreadable JSON gives a DeadLetter with `message=None` and the problem."""
+    try:
+        message = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return DeadLetter(queue, redis_id, raw, dead_at_ms, None, f"not JSON ({type(exc).__name__})")
+    if not isinstance(message, dict) or not isinstance(message.get("actor_name"), str):
+        return DeadLetter(queue, redis_id, raw, dead_at_ms, None, "not a Dramatiq message")
+    return DeadLetter(queue, redis_id, raw, dead_at_ms, message)
+
+
+def redriven(message: dict[str, Any], *, queue: str, redis_message_id: str) -> dict[str, Any]:
+    """Return a copy of a dead-lettered message that starts over on queue with a fresh attempt count.
+
+    The failure options (retries, traceback, failure_class, failed_at, requeue_timestamp, eta) are dropped;
+    message_id and every other option, webhook_id included, are kept.
+
+    Parameters:
+      message: The decoded dead letter.
+      queue: The queue to put it on (its canonical name, never a `.DQ`).
+      redis_message_id: Its new id in Redis (Dramatiq gives each enqueue a fresh one).
+    """
+    options = {key: value for key, value in message.get("options", {}).items() if key not in REDRIVE_DROPPED_OPTIONS}
+    options["redis_message_id"] = redis_message_id
+    return {**message, "queue_name": queue, "options": options}
+
+
+def dead_letter_count(client: redis.Redis, namespace: str, queue: str) -> int:
+    """Return how many messages queue's dead-letter set holds."""
+    return int(client.zcard(keys.dead_letters(namespace, queue)))
+
+
+def iter_dead_letters(
+    client: redis.Redis, namespace: str, queue: str, *, newest_first: bool = True, limit: int | None = None
+) -> Iterator[DeadLetter]:
+    """Yield queue's dead letters in the order they were dead-lettered, reading BATCH_SIZE per round trip.
+
+    Parameters:
+      newest_first: Newest first (for reading) or oldest first (for re-driving in the original order).
+      limit: The most to yield; None for all.
+    """
+    end = -1 if limit is None else limit - 1
+    xq, xq_msgs = keys.dead_letters(namespace, queue), keys.dead_letter_messages(namespace, queue)
+    ids = cast(list[tuple[bytes, float]], client.zrange(xq, 0, end, desc=newest_first, withscores=True))
+    for start in range(0, len(ids), BATCH_SIZE):
+        batch = ids[start : start + BATCH_SIZE]
+        raws = cast(list[bytes | None], client.hmget(xq_msgs, [redis_id for redis_id, _ in batch]))
+        for (redis_id, score), raw in zip(batch, raws, strict=True):
+            if raw is not None:  # re-driven or expired since the ZRANGE
+                yield decode_dead_letter(queue, keys.text(redis_id), raw, int(score))
+
+
+def redrive(client: redis.Redis, namespace: str, letter: DeadLetter, *, new_id: str | None = None) -> RedriveResult:
+    """Move one readable dead letter back onto its queue atomically (REDRIVE_LUA); return what happened.
+
+    Parameters:
+      letter: A readable dead letter (`letter.message` is not None).
+      new_id: Its new Redis id; a fresh uuid4 by default.
+    """
+    if letter.message is None:
+        raise ValueError(f"dead letter {letter.redis_id} is unreadable ({letter.problem}); it cannot be re-driven")
+    new_id = new_id or str(uuid.uuid4())
+    data = encode_message(redriven(letter.message, queue=letter.queue, redis_message_id=new_id))
+    names = [
+        keys.dead_letters(namespace, letter.queue),
+        keys.dead_letter_messages(namespace, letter.queue),
+        keys.messages(namespace, letter.queue),
+        keys.queue(namespace, letter.queue),
+    ]
+    moved = int(client.register_script(REDRIVE_LUA)(keys=names, args=[letter.redis_id, letter.raw, new_id, data]))
+    return {1: "re-driven", 0: "gone", -1: "changed"}[moved]  # type: ignore[return-value]

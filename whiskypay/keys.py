@@ -1,0 +1,119 @@
+"""Every Redis key and channel WhiskyPay reads or writes, named once; no other module formats a key.
+
+Namespace `ns` (WHISKYPAY_NAMESPACE, default "whiskypay"), queue `Q` (e.g. "callbackQueue"), worker `W`
+(a broker id). Dramatiq's layout, as its dispatch.lua writes it (we read it, and the re-drive writes it):
+
+  ns:Q                   list of waiting message ids; workers LPOP from the head, so the head is next
+  ns:Q.msgs              hash id -> encoded message, for every message of ns:Q not yet acked
+  ns:Q.DQ                list of delayed messages (retries waiting out their backoff) not yet fetched;
+  ns:Q.DQ.msgs           its messages (a delay queue is a queue: every function below takes it as Q)
+  ns:Q.XQ                zset of dead-lettered ids, score = when they were dead-lettered (unix ms)
+  ns:Q.XQ.msgs           hash id -> encoded message of the dead letters
+  ns:__heartbeats__      zset of worker ids, score = last heartbeat (unix ms)
+  ns:__acks__.W.Q        set of ids worker W fetched from Q and has not acked yet (Q.DQ likewise)
+
+Ours:
+
+  ns:whiskypay.events:A:E      string: the id of the message that reserved event_id E of actor A (SET NX EX,
+                               WHISKYPAY_IDEMPOTENCY_WINDOW_S)
+  ns:whiskypay.sent:M:R        string "1": email R ("buyer", "merchant") of message M went out (8 days)
+  ns:whiskypay.stats:Q         hash of outcome counters: `completed` (delivered), `failed` (dead-lettered),
+                               `started_at` (unix seconds of the first count: the counts are "since" then)
+  ns:whiskypay.health:Q        hash of check_queue_health's state: `dead_letters_seen`, `open`, `checked_at`
+  ns:whiskypay.health.tick:T   string: one run's lock of scheduled minute T ("2026-11-27T21:00Z")
+  ns:wake:Q                    pub/sub channel: published by every enqueue on Q (WAKE_ON_ENQUEUE_LUA)
+
+Functions take the queue name as given: a delay queue `Q.DQ` is a queue of its own, except for the outcome
+counters, which count a delay queue's messages as its queue's.
+"""
+
+from __future__ import annotations
+
+from dramatiq.common import dq_name, q_name, xq_name
+
+#: The prefix of our own keys inside the namespace (Dramatiq's have none, or `__`).
+OURS = "whiskypay"
+
+#: Appended to Dramatiq's dispatch.lua (whose enqueue branch ends without returning): the wake-up is published
+#: by the same script call that enqueues, so it costs no round trip. The channel is `wake_channel`'s.
+WAKE_ON_ENQUEUE_LUA = b"""
+if command == "enqueue" then
+    redis.call("publish", namespace .. ":wake:" .. queue_name, "1")
+end
+"""
+
+
+def text(value: object) -> str:
+    """Return a Redis reply (bytes, or str from a client with decode_responses) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# Dramatiq's layout.
+
+
+def queue(namespace: str, queue_name: str) -> str:
+    """Return the list of queue_name's waiting message ids."""
+    return f"{namespace}:{queue_name}"
+
+
+def messages(namespace: str, queue_name: str) -> str:
+    """Return the hash of queue_name's messages not yet acked (id -> encoded message)."""
+    return f"{queue(namespace, queue_name)}.msgs"
+
+
+def delayed(namespace: str, queue_name: str) -> str:
+    """Return the delay queue of queue_name (`Q.DQ`)."""
+    return queue(namespace, dq_name(queue_name))
+
+
+def dead_letters(namespace: str, queue_name: str) -> str:
+    """Return the zset of queue_name's dead-lettered ids (`Q.XQ`, score = when, unix ms)."""
+    return queue(namespace, xq_name(queue_name))
+
+
+def dead_letter_messages(namespace: str, queue_name: str) -> str:
+    """Return the hash of queue_name's dead-lettered messages (`Q.XQ.msgs`)."""
+    return messages(namespace, xq_name(queue_name))
+
+
+def heartbeats(namespace: str) -> str:
+    """Return the zset of live workers (score = last heartbeat, unix ms)."""
+    return f"{namespace}:__heartbeats__"
+
+
+def acks(namespace: str, worker_id: str, queue_name: str) -> str:
+    """Return the set of ids worker_id fetched from queue_name and has not acked yet."""
+    return f"{namespace}:__acks__.{worker_id}.{queue_name}"
+
+
+# Ours.
+
+
+def event_reservation(namespace: str, actor_name: str, event_id: str) -> str:
+    """Return the key reserving event_id for actor_name (holds the first message's id)."""
+    return f"{namespace}:{OURS}.events:{actor_name}:{event_id}"
+
+
+def email_sent(namespace: str, message_id: str, role: str) -> str:
+    """Return the marker saying message_id's email for role already went out."""
+    return f"{namespace}:{OURS}.sent:{message_id}:{role}"
+
+
+def outcome_counters(namespace: str, queue_name: str) -> str:
+    """Return the hash of queue_name's outcome counters (a delay queue counts as its queue)."""
+    return f"{namespace}:{OURS}.stats:{q_name(queue_name)}"
+
+
+def health_state(namespace: str, queue_name: str) -> str:
+    """Return the hash of queue_name's health state (check_queue_health)."""
+    return f"{namespace}:{OURS}.health:{queue_name}"
+
+
+def health_tick(namespace: str, tick: str) -> str:
+    """Return the lock of one scheduled minute of check_queue_health."""
+    return f"{namespace}:{OURS}.health.tick:{tick}"
+
+
+def wake_channel(namespace: str, queue_name: str) -> str:
+    """Return the pub/sub channel every enqueue on queue_name publishes to."""
+    return f"{namespace}:wake:{queue_name}"
