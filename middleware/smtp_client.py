@@ -11,7 +11,7 @@ from dramatiq.logging import get_logger
 
 from whiskypay.errors import WorkerStartRefused
 from whiskypay.queues import Queue, consumes
-from whiskypay.smtp import classify_smtp_error, open_smtp
+from whiskypay.smtp import SmtpRelay, classify_smtp_error, open_smtp
 
 
 class SmtpClients(Middleware):
@@ -22,36 +22,21 @@ class SmtpClients(Middleware):
     start without a sender address.
 
     Parameters:
-      host, port, tls ("off", "starttls", "ssl"), username, password: The relay.
-      timeout_s: Socket timeout for every SMTP command, in seconds.
+      relay: The SMTP relay (host, port, TLS mode, credentials, timeout, CA file).
       mail_from: The envelope and From address.
-      ca_file: A PEM file of CA certificates to verify the relay with; None for the system's CAs.
     """
 
-    def __init__(
-        self,
-        *,
-        host: str,
-        port: int,
-        tls: str,
-        username: str | None,
-        password: str | None,
-        timeout_s: float,
-        mail_from: str | None,
-        ca_file: str | None = None,
-    ) -> None:
+    def __init__(self, *, relay: SmtpRelay, mail_from: str | None) -> None:
         self.logger = get_logger(__name__, type(self))
-        self.host, self.port, self.tls = host, port, tls
-        self.username, self._password = username, password
-        self.timeout_s = timeout_s
+        self.relay = relay
+        self.host = relay.host
         self.mail_from = mail_from
-        self.ca_file = ca_file
         self._local = threading.local()
         self._connections: list[smtplib.SMTP] = []
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"SmtpClients(host={self.host!r}, port={self.port})"
+        return f"SmtpClients(host={self.relay.host!r}, port={self.relay.port})"
 
     def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
         if consumes(worker, Queue.EMAIL) and not self.mail_from:
@@ -61,10 +46,7 @@ class SmtpClients(Middleware):
             )
 
     def _connect(self) -> smtplib.SMTP:
-        conn = open_smtp(
-            host=self.host, port=self.port, tls=self.tls, username=self.username, password=self._password,
-            timeout_s=self.timeout_s, ca_file=self.ca_file,
-        )
+        conn = open_smtp(self.relay)
         self._local.conn = conn
         with self._lock:
             self._connections.append(conn)

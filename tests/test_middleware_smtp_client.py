@@ -13,18 +13,19 @@ from dramatiq.brokers.stub import StubBroker
 from middleware.smtp_client import SmtpClients
 from whiskypay.devstack import SmtpSink, free_port
 from whiskypay.errors import SmtpPermanentError, SmtpTemporaryError, WorkerStartRefused
+from whiskypay.smtp import SmtpRelay
 
 SENDER = "payments@whiskypay.test"
 PASSWORD = "smtp-PW-5ec2e7"
 CONNECTION_FAILED = r"SMTP connection to 127\.0\.0\.1 failed"
 
 
-def clients(sink: SmtpSink | None = None, **overrides: Any) -> SmtpClients:
+def clients(sink: SmtpSink | None = None, *, mail_from: str | None = SENDER, **overrides: Any) -> SmtpClients:
     options: dict[str, Any] = dict(
         host="127.0.0.1", port=sink.port if sink else free_port(), tls="off", username=None, password=None,
-        timeout_s=2, mail_from=SENDER,
+        timeout_s=2,
     )
-    return SmtpClients(**{**options, **overrides})
+    return SmtpClients(relay=SmtpRelay(**{**options, **overrides}), mail_from=mail_from)
 
 
 def email(to: str = "buyer@example.com", subject: str = "Your receipt") -> EmailMessage:
@@ -126,7 +127,7 @@ def test_given_a_relay_that_requires_auth_when_sending_with_its_credentials_then
         smtp = clients(sink, username="relay", password=PASSWORD)
         smtp.send(email())
         sink.wait_for(1)
-        assert PASSWORD not in repr(smtp)
+        assert PASSWORD not in repr(smtp) and PASSWORD not in repr(smtp.relay)
         shutdown(smtp)
 
 

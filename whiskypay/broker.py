@@ -27,6 +27,7 @@ from whiskypay.queues import Queue
 from whiskypay.redaction import install_log_redaction, url_password
 from whiskypay.redis_broker import WhiskyPayRedisBroker
 from whiskypay.schemas import CallbackArgs, EmailArgs
+from whiskypay.smtp import SmtpRelay
 
 M = TypeVar("M", bound=Middleware)
 
@@ -39,6 +40,19 @@ def redis_client(settings: Settings) -> redis.Redis:
         socket_timeout=settings.redis_timeout_s,
         health_check_interval=30,
         socket_keepalive=True,
+    )
+
+
+def smtp_relay(settings: Settings) -> SmtpRelay:
+    """Return the SMTP relay the settings describe (the workers' and `whiskypay check`'s)."""
+    return SmtpRelay(
+        host=settings.smtp_host,
+        port=settings.smtp_port,
+        tls=settings.smtp_tls,
+        username=settings.smtp_username,
+        password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+        timeout_s=settings.smtp_timeout_s,
+        ca_file=settings.smtp_ca_file,
     )
 
 
@@ -77,16 +91,7 @@ def build_broker(settings: Settings) -> RedisBroker:
             host_concurrency=settings.webhook_host_concurrency,
             slow_after_s=settings.webhook_slow_after_s,
         ),
-        SmtpClients(
-            host=settings.smtp_host,
-            port=settings.smtp_port,
-            tls=settings.smtp_tls,
-            username=settings.smtp_username,
-            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
-            timeout_s=settings.smtp_timeout_s,
-            mail_from=settings.mail_from,
-            ca_file=settings.smtp_ca_file,
-        ),
+        SmtpClients(relay=smtp_relay(settings), mail_from=settings.mail_from),
         # before_enqueue runs in list order: validate first, so an invalid send never reserves its event_id
         # and a duplicate never gets a webhook_id; before_process_message dead-letters invalid messages
         # before anything else looks at them.
