@@ -13,12 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import dramatiq
-import sentry_sdk
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import CurrentMessage
 from periodiq import cron
-from sentry_sdk.crons import capture_checkin
-from sentry_sdk.crons.consts import MonitorStatus
 
 from settings import get_settings
 from whiskypay.queue_health import Incident, assess, load_state, save_state, take_tick, tick_of
@@ -45,6 +42,8 @@ MONITOR_CONFIG: Any = {
 
 def report(incident: Incident) -> None:
     """Send one Sentry event for a newly opened incident, grouped per queue and kind (no-op without Sentry)."""
+    import sentry_sdk
+
     with sentry_sdk.new_scope() as scope:
         scope.set_tag("queue", incident.queue)
         scope.set_tag("kind", incident.kind)
@@ -61,6 +60,10 @@ def report(incident: Incident) -> None:
 )
 def check_queue_health() -> None:
     """Log every queue's counts and report the incidents that opened; a no-op if this minute already ran."""
+    # Imported at the first run, not with the actors: a worker that never runs this job never loads sentry-sdk.
+    from sentry_sdk.crons import capture_checkin
+    from sentry_sdk.crons.consts import MonitorStatus
+
     broker = dramatiq.get_broker()
     assert isinstance(broker, RedisBroker), "check_queue_health reads the Redis broker's keys"
     settings = get_settings()

@@ -12,10 +12,8 @@ from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Pipelines, 
 from periodiq import PeriodiqMiddleware
 
 from middleware.dead_letters import DeadLetterReasons
-from middleware.delivery_metrics import DeliveryMetrics
 from middleware.http_client import HttpClients
 from middleware.idempotency import IdempotentEnqueue
-from middleware.metrics_exporter import MetricsExporter, serve_metrics_on
 from middleware.outcome_counters import OutcomeCounters
 from middleware.retry_policy import QueueRetryPolicy
 from middleware.sentry import SentryReporting
@@ -117,6 +115,10 @@ def build_broker(settings: Settings) -> RedisBroker:
     if settings.metrics_enabled:
         # Appended last: their after-hooks run first, so DeliveryMetrics counts outcomes in after_ack/after_nack,
         # once QueueRetryPolicy has decided. MetricsExporter (Dramatiq's Prometheus) serves both on metrics_port.
+        # Imported only when enabled: a worker without metrics does not load http.server and Dramatiq's Prometheus.
+        from middleware.delivery_metrics import DeliveryMetrics
+        from middleware.metrics_exporter import MetricsExporter
+
         middleware += [MetricsExporter(fork=serve_metrics), DeliveryMetrics(queues=(Queue.CALLBACKS, Queue.EMAIL))]
     install_log_redaction(list(Queue))
     return WhiskyPayRedisBroker(
@@ -135,6 +137,8 @@ def serve_metrics() -> int:
 
     The master imports a fork by name and calls it without arguments, so it reads the port from the settings.
     """
+    from middleware.metrics_exporter import serve_metrics_on
+
     return serve_metrics_on(get_settings().metrics_port)
 
 

@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-import email_validator
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -74,11 +73,14 @@ Text = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_co
 # of LDH labels under an alphabetic TLD. Anything else (quoted local parts, internationalised or punycode
 # domains, labels with "--") goes to email-validator, which also has the last word on everything this accepts
 # (tests/test_schemas_property.py checks that it never accepts what email-validator refuses). It is here for
-# speed: email-validator costs about 40 us an address, a third of a whole send().
+# speed: email-validator costs about 40 us an address, a third of a whole send(); it is imported at its first
+# use (its module compiles its regular expressions at import: about 20 ms of every worker's start-up).
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"(?!-)(?!..--)[A-Za-z0-9-]{1,63}(?<!-)"
 _SIMPLE_EMAIL = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@(?:{_LABEL}\.)+(?P<tld>[A-Za-z]{{2,63}})")
-_SPECIAL_USE_TLDS = frozenset(email_validator.SPECIAL_USE_DOMAIN_NAMES)
+#: email_validator.SPECIAL_USE_DOMAIN_NAMES, copied so that the fast path does not import it
+#: (tests/test_startup_imports.py checks the copy against the installed email-validator).
+_SPECIAL_USE_TLDS = frozenset({"arpa", "invalid", "local", "localhost", "onion", "test"})
 
 
 def check_email(value: str) -> str:
@@ -92,6 +94,8 @@ def check_email(value: str) -> str:
         and "xn--" not in value.lower()
     ):
         return value
+    import email_validator
+
     try:
         email_validator.validate_email(value, check_deliverability=False)
     except email_validator.EmailNotValidError:
