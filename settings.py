@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     # Webhooks.
     #: One or more space-separated whsec_ secrets, newest first; decoded once into `webhook_keys`.
     webhook_secret: Annotated[SecretStr, AfterValidator(WebhookSecret.of)] | None = None
+    #: The ed25519 `whsk_` secret key: every webhook also carries a `v1a` signature merchants verify with `whpk_`.
+    webhook_signing_key: SecretStr | None = None
+    #: Which signatures webhooks carry: v1 (HMAC), v1a (ed25519) or both; default both with a signing key.
+    webhook_signatures: Literal["v1", "v1a", "both"] | None = None
+    #: send() refuses a callback without merchant_id (every merchant has its own key).
+    require_merchant_id: bool = False
     allow_private_callbacks: bool = False
     callback_https_only: bool = True
     webhook_connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -201,6 +207,30 @@ class Settings(BaseSettings):
         if isinstance(value, dict) and info.field_name is not None:
             return {**_RETRY_DEFAULTS[info.field_name].model_dump(), **value}
         return value
+
+    @field_validator("webhook_signing_key")
+    @classmethod
+    def _signing_key_parses(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from whiskypay.ed25519 import parse_secret_key  # cryptography loads only when ed25519 is configured
+
+            parse_secret_key(value.get_secret_value())
+        return value
+
+    @field_validator("webhook_signatures")
+    @classmethod
+    def _signatures_have_keys(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value in ("v1a", "both") and info.data.get("webhook_signing_key") is None:
+            raise ValueError(
+                f"{value} needs WHISKYPAY_WEBHOOK_SIGNING_KEY (`whiskypay secret --ed25519` prints a key pair)"
+            )
+        return value
+
+    def signature_kinds(self) -> Literal["v1", "v1a", "both"]:
+        """Return which signatures webhooks carry: WHISKYPAY_WEBHOOK_SIGNATURES, else both with a signing key."""
+        if self.webhook_signatures is not None:
+            return self.webhook_signatures
+        return "both" if self.webhook_signing_key is not None else "v1"
 
     @field_validator("redis_url")
     @classmethod

@@ -20,9 +20,18 @@ from whiskypay.signing import webhook_id as default_webhook_id
 logger = dramatiq.get_logger(__name__)
 
 
-def webhook_body(*, email: str, plan: str, price: int | float, timestamp: str | None) -> bytes:
-    """Return the seed's webhook body: email, plan, price, status "success", timestamp (compact JSON)."""
-    payload = {"email": email, "plan": plan, "price": price, "status": "success", "timestamp": timestamp}
+def webhook_body(
+    *, email: str, plan: str, price: int | float, timestamp: str | None, merchant_id: str | None = None
+) -> bytes:
+    """Return the webhook body: the seed's email, plan, price, status "success", timestamp (compact JSON).
+
+    With a merchant_id it comes last, so the receiver can check the webhook is meant for it.
+    """
+    payload: dict[str, object] = {
+        "email": email, "plan": plan, "price": price, "status": "success", "timestamp": timestamp
+    }
+    if merchant_id is not None:
+        payload["merchant_id"] = merchant_id
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -37,15 +46,23 @@ def send_callback(
     price: int | float,
     timestamp: str | None = None,
     event_id: str | None = None,
+    merchant_id: str | None = None,
+    key_version: int = 1,
 ) -> None:
-    """POST the signed payment webhook to callback_url once; raise a classified error when it fails."""
+    """POST the signed payment webhook to callback_url once; raise a classified error when it fails.
+
+    With merchant_id it is signed with that merchant's derived keys (generations key_version and the one before).
+    """
     broker = dramatiq.get_broker()
     message = CurrentMessage.get_current_message()
     message_id = message.message_id if message else "direct-call"
     webhook_id = (message.options.get("webhook_id") if message else None) or default_webhook_id(message_id, event_id)
     attempt = (message.options.get("retries", 0) if message else 0) + 1
-    body = webhook_body(email=email, plan=plan, price=price, timestamp=timestamp)
-    headers = middleware_of(broker, WebhookSigning).headers(webhook_id, body)
+    body = webhook_body(email=email, plan=plan, price=price, timestamp=timestamp, merchant_id=merchant_id)
+    headers = middleware_of(broker, WebhookSigning).headers(
+        webhook_id, body, merchant_id=merchant_id, key_version=key_version
+    )
+    merchant = merchant_id or "-"
     host = urlsplit(callback_url).hostname
     try:
         result = middleware_of(broker, HttpClients).post(callback_url, body, headers)
@@ -55,12 +72,17 @@ def send_callback(
         status = getattr(exc, "tags", {}).get("http_status", "-")
         duration_ms = exc.duration_ms if isinstance(exc, WhiskyPayError) else None
         logger.warning(
+<<<<<<< HEAD
             "webhook message=%s host=%s status=%s duration_ms=%s attempt=%d failed: %s",
             message_id, host, status, "-" if duration_ms is None else f"{duration_ms:.0f}", attempt,
             scrub_text(str(exc)),
+=======
+            "webhook message=%s merchant=%s host=%s status=%s duration_ms=%.0f attempt=%d failed: %s",
+            message_id, merchant, host, status, (time.perf_counter() - started) * 1000, attempt, scrub_text(str(exc)),
+>>>>>>> fe9941d (Merchants as tenants: merchant_id/key_version in the contract, derived per-merchant keys (N and N-1), ed25519 v1a signatures, event_id on send_email, idempotency scoped by merchant, WHISKYPAY_REQUIRE_MERCHANT_ID, merchant in logs and Sentry tags)
         )
         raise
     logger.info(
-        "webhook message=%s host=%s status=%d duration_ms=%.0f attempt=%d delivered",
-        message_id, host, result.status, result.duration_ms, attempt,
+        "webhook message=%s merchant=%s host=%s status=%d duration_ms=%.0f attempt=%d delivered",
+        message_id, merchant, host, result.status, result.duration_ms, attempt,
     )

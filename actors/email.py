@@ -30,8 +30,14 @@ def send_email(
     plan: str,
     saas_name: str,
     logo_url: str | None = None,
+    merchant_id: str | None = None,
+    event_id: str | None = None,
 ) -> None:
-    """Send the buyer's and the merchant's email; a retry skips the one that already went out."""
+    """Send the buyer's and the merchant's email; a retry skips the one that already went out.
+
+    merchant_id only labels the logs; event_id makes a second send() of the same payment enqueue nothing
+    (`IdempotentEnqueue`, scoped by merchant).
+    """
     broker = dramatiq.get_broker()
     smtp = middleware_of(broker, SmtpClients)
     message = CurrentMessage.get_current_message()
@@ -39,12 +45,13 @@ def send_email(
     assert smtp.mail_from is not None
     domain = smtp.mail_from.rsplit("@", 1)[1]
     redis_broker = broker if isinstance(broker, RedisBroker) and message else None
+    merchant = merchant_id or "-"
     recipients: tuple[tuple[Role, str], ...] = (("buyer", buyer_email), ("merchant", merchant_email))
     for role, to in recipients:
         marker = keys.email_sent(redis_broker.namespace, message_id, role) if redis_broker else ""
         client = redis_broker.client if redis_broker else None
         if client and client.exists(marker):
-            logger.info("email message=%s role=%s already sent; skipped", message_id, role)
+            logger.info("email message=%s merchant=%s role=%s already sent; skipped", message_id, merchant, role)
             continue
         email = compose(
             role,
@@ -58,4 +65,4 @@ def send_email(
         smtp.send(email)
         if client:
             client.set(marker, 1, ex=SENT_MARKER_TTL_S)
-        logger.info("email message=%s role=%s to=%s sent", message_id, role, mask_email(to))
+        logger.info("email message=%s merchant=%s role=%s to=%s sent", message_id, merchant, role, mask_email(to))

@@ -15,6 +15,8 @@ from whiskypay.errors import DuplicateEvent
 class IdempotentEnqueue(Middleware):
     """Reserve `event_id` in Redis (SET NX with a TTL) at enqueue; refuse a second message with the same one.
 
+    The reservation is scoped by actor and `merchant_id`: two merchants' equal event ids are two events.
+
     The reservation holds the first message's id, so that message's own retries and delayed moves pass.
     `WhiskyPayActor` releases it again when the enqueue itself fails, so a gateway retry is not swallowed.
 
@@ -27,7 +29,8 @@ class IdempotentEnqueue(Middleware):
         self.window_s = window_s
 
     def _key(self, broker: RedisBroker, message: Message[Any]) -> str:
-        return keys.event_reservation(broker.namespace, message.actor_name, message.kwargs["event_id"])
+        merchant_id, event_id = message.kwargs.get("merchant_id"), message.kwargs["event_id"]
+        return keys.event_reservation(broker.namespace, message.actor_name, merchant_id, event_id)
 
     def before_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
         if not message.kwargs.get("event_id") or not isinstance(broker, RedisBroker):

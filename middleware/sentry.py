@@ -94,6 +94,9 @@ class SentryReporting(Middleware):
             scope.set_tag("attempts", message.options.get("retries", 0) + 1)
             if host:
                 scope.set_tag("callback_host", host)
+            merchant_id = message.kwargs.get("merchant_id") if isinstance(message.kwargs, dict) else None
+            if isinstance(merchant_id, str):
+                scope.set_tag("merchant_id", merchant_id)
             if isinstance(exception, WhiskyPayError):
                 for key, value in exception.tags.items():
                     scope.set_tag(key, value)

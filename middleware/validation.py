@@ -32,6 +32,8 @@ class PayloadValidation(Middleware):
     Parameters:
       schemas: Actor name to pydantic model of its arguments; other actors pass unchecked.
       https_only: Refuse http:// callback URLs.
+      required_at_send: Actor name to optional arguments that send() must be given all the same
+        (WHISKYPAY_REQUIRE_MERCHANT_ID); messages already queued are not held to it.
       now_iso: The clock for default timestamps.
     """
 
@@ -40,11 +42,13 @@ class PayloadValidation(Middleware):
         *,
         schemas: Mapping[str, type[BaseModel]],
         https_only: bool,
+        required_at_send: Mapping[str, tuple[str, ...]] | None = None,
         now_iso: Callable[[], str] = _utc_now_iso,
     ) -> None:
         self.logger = get_logger(__name__, type(self))
         self.schemas = dict(schemas)
         self.https_only = https_only
+        self.required_at_send = dict(required_at_send or {})
         self.now_iso = now_iso
 
     def _arguments(self, message: Message[Any] | MessageProxy) -> dict[str, Any]:
@@ -75,6 +79,10 @@ class PayloadValidation(Middleware):
         if message.actor_name not in self.schemas or "retries" in message.options:
             return  # a retry or a delayed message coming due was checked at its first send
         problem = self._problem(broker, message)
+        required = self.required_at_send.get(message.actor_name, ())
+        missing = [name for name in required if message.kwargs.get(name) is None]
+        if missing and not problem:
+            problem = "; ".join(f"{name}: is required (WHISKYPAY_REQUIRE_MERCHANT_ID=true)" for name in missing)
         if problem:
             raise InvalidPayload(f"{message.actor_name}: {problem}. Nothing was enqueued; fix the caller.")
         if "timestamp" in self.schemas[message.actor_name].model_fields and message.kwargs.get("timestamp") is None:

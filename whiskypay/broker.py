@@ -58,7 +58,7 @@ def secrets_of(settings: Settings) -> tuple[str, ...]:
     """Return every secret value of settings, for scrubbing."""
     url = settings.redis_url.get_secret_value()
     values = [url if "@" in url else "", url_password(url) or ""]
-    for secret in (settings.webhook_secret, settings.smtp_password, settings.sentry_dsn):
+    for secret in (settings.webhook_secret, settings.webhook_signing_key, settings.smtp_password, settings.sentry_dsn):
         if secret is not None:
             values.append(secret.get_secret_value())
             values.extend(secret.get_secret_value().split())
@@ -96,9 +96,14 @@ def build_broker(settings: Settings) -> RedisBroker:
         PayloadValidation(
             schemas={"send_callback": CallbackArgs, "send_email": EmailArgs},
             https_only=settings.callback_https_only,
+            required_at_send={"send_callback": ("merchant_id",)} if settings.require_merchant_id else {},
         ),
         IdempotentEnqueue(window_s=settings.idempotency_window_s),
-        WebhookSigning(keys=settings.webhook_keys),
+        WebhookSigning(
+            keys=settings.webhook_keys,
+            signing_key=settings.webhook_signing_key.get_secret_value() if settings.webhook_signing_key else None,
+            signatures=settings.signature_kinds(),
+        ),
         # QueueRetryPolicy is last, so its after_process_message runs first (after_* hooks run in reverse):
         # it decides retry or fail before anything looks at `message.failed`. SentryReporting and
         # DeadLetterReasons act in before_nack, which every dead-lettered message passes once, in this order:

@@ -14,8 +14,9 @@ Namespace `ns` (WHISKYPAY_NAMESPACE, default "whiskypay"), queue `Q` (e.g. "call
 
 Ours:
 
-  ns:whiskypay.events:A:E      string: the id of the message that reserved event_id E of actor A (SET NX EX,
-                               WHISKYPAY_IDEMPOTENCY_WINDOW_S)
+  ns:whiskypay.events:A:M:E  string: the id of the message that reserved event_id E of merchant M for actor A
+                               (SET NX EX, WHISKYPAY_IDEMPOTENCY_WINDOW_S); each part length-prefixed
+                               (`13.send_callback:4.m_42:7.pay_123`, `length_prefixed`), M empty without one
   ns:whiskypay.sent:M:R        string "1": email R ("buyer", "merchant") of message M went out (8 days)
   ns:whiskypay.stats:Q         hash of outcome counters: `completed` (delivered), `failed` (dead-lettered),
                                `started_at` (unix seconds of the first count: the counts are "since" then)
@@ -89,9 +90,22 @@ def acks(namespace: str, worker_id: str, queue_name: str) -> str:
 # Ours.
 
 
-def event_reservation(namespace: str, actor_name: str, event_id: str) -> str:
-    """Return the key reserving event_id for actor_name (holds the first message's id)."""
-    return f"{namespace}:{OURS}.events:{actor_name}:{event_id}"
+def length_prefixed(*parts: str) -> str:
+    """Return parts joined unambiguously, each written `<length>.<text>`, joined by ":".
+
+    ("a:b", "c") gives `3.a:b:1.c` and ("a", "b:c") `1.a:3.b:c`: the lengths tell where each part ends,
+    whatever characters the parts hold.
+    """
+    return ":".join(f"{len(part)}.{part}" for part in parts)
+
+
+def event_reservation(namespace: str, actor_name: str, merchant_id: str | None, event_id: str) -> str:
+    """Return the key reserving event_id of merchant_id for actor_name (holds the first message's id).
+
+    Scoped by merchant: two merchants' equal event ids are two events. Without a merchant the merchant part is
+    empty (`0.`), which no merchant_id can be (they have 1 to 64 characters).
+    """
+    return f"{namespace}:{OURS}.events:{length_prefixed(actor_name, merchant_id or '', event_id)}"
 
 
 def email_sent(namespace: str, message_id: str, role: str) -> str:

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from whiskypay.errors import InvalidPayload
+from whiskypay.signing import MAX_KEY_VERSION, MERCHANT_ID
 
 __all__ = ["MAX_PRICE", "MAX_URL_LENGTH", "CallbackArgs", "EmailArgs", "InvalidPayload", "check_email", "describe",
            "validate_args"]
@@ -64,6 +65,18 @@ def _check_url(value: str, *, https_only: bool, field: str) -> str:
         raise ValueError("must have a host")
     if parts.username is not None or parts.password is not None:
         raise ValueError("must not carry credentials (user:password@); use the webhook signature instead")
+    return value
+
+
+def _check_event_id(value: str | None) -> str | None:
+    if value is not None and not _EVENT_ID.fullmatch(value):
+        raise ValueError("must be 1-128 characters of letters, digits and _ . : -")
+    return value
+
+
+def _check_merchant_id(value: str | None) -> str | None:
+    if value is not None and not MERCHANT_ID.fullmatch(value):
+        raise ValueError("must be 1-64 characters of letters, digits and _ . : -")
     return value
 
 
@@ -119,6 +132,8 @@ class CallbackArgs(_Schema):
     price: int | float
     timestamp: str | None = None
     event_id: str | None = None
+    merchant_id: str | None = None
+    key_version: int = 1
 
     @field_validator("callback_url")
     @classmethod
@@ -153,8 +168,21 @@ class CallbackArgs(_Schema):
     @field_validator("event_id")
     @classmethod
     def _event_id(cls, value: str | None) -> str | None:
-        if value is not None and not _EVENT_ID.fullmatch(value):
-            raise ValueError("must be 1-128 characters of letters, digits and _ . : -")
+        return _check_event_id(value)
+
+    @field_validator("merchant_id")
+    @classmethod
+    def _merchant_id(cls, value: str | None) -> str | None:
+        return _check_merchant_id(value)
+
+    @field_validator("key_version")
+    @classmethod
+    def _key_version(cls, value: int, info: ValidationInfo) -> int:
+        if not 1 <= value <= MAX_KEY_VERSION:
+            raise ValueError(f"must be an integer from 1 to {MAX_KEY_VERSION}")
+        # merchant_id is absent from info.data when it failed its own check: that error is the one to show.
+        if value > 1 and "merchant_id" in info.data and info.data["merchant_id"] is None:
+            raise ValueError("needs merchant_id (the master secret has no versions: rotate WHISKYPAY_WEBHOOK_SECRET)")
         return value
 
 
@@ -166,6 +194,18 @@ class EmailArgs(_Schema):
     plan: Text
     saas_name: Text
     logo_url: str | None = None
+    merchant_id: str | None = None
+    event_id: str | None = None
+
+    @field_validator("merchant_id")
+    @classmethod
+    def _merchant_id(cls, value: str | None) -> str | None:
+        return _check_merchant_id(value)
+
+    @field_validator("event_id")
+    @classmethod
+    def _event_id(cls, value: str | None) -> str | None:
+        return _check_event_id(value)
 
     @field_validator("logo_url")
     @classmethod

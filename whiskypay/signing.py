@@ -12,21 +12,33 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from whiskypay.errors import WebhookVerificationError
 
 __all__ = [
     "DEFAULT_TOLERANCE_S",
+    "MAX_KEY_VERSION",
+    "MERCHANT_ID",
+    "MERCHANT_KEY_LABEL",
     "WebhookVerificationError",
+    "merchant_key",
+    "merchant_secret",
+    "merchant_signing_keys",
     "new_secret",
     "parse_webhook_secrets",
     "signature",
     "signature_headers",
     "verify",
+    "verify_ed25519",
     "webhook_id",
 ]
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 #: How far a webhook-timestamp may be from the receiver's clock, in seconds (the spec's 5 minutes).
 DEFAULT_TOLERANCE_S = 300
@@ -82,19 +94,27 @@ def signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(mac).decode()
 
 
-def signature_headers(keys: Iterable[bytes], msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+def signature_headers(
+    keys: Iterable[bytes], msg_id: str, timestamp: int, body: bytes, *, signing_key: Ed25519PrivateKey | None = None
+) -> dict[str, str]:
     """Return the three Standard Webhooks headers for one attempt.
 
     Parameters:
-      keys: HMAC keys, one signature each (rotation).
+      keys: HMAC keys, one `v1` signature each (rotation; a merchant's keys from `merchant_signing_keys`).
       msg_id: The webhook-id, the same on every attempt of one event.
       timestamp: This attempt's time, in unix seconds.
       body: The exact bytes that will be sent.
+      signing_key: An ed25519 key (`whiskypay.ed25519.parse_secret_key`): adds one `v1a` signature, last.
     """
+    signatures = [signature(key, msg_id, timestamp, body) for key in keys]
+    if signing_key is not None:
+        from whiskypay import ed25519
+
+        signatures.append(ed25519.sign(signing_key, msg_id, timestamp, body))
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": " ".join(signature(key, msg_id, timestamp, body) for key in keys),
+        "webhook-signature": " ".join(signatures),
     }
 
 
@@ -106,7 +126,8 @@ def verify(
     Parameters:
       body: The raw request body, exactly as received (before any JSON parsing).
       headers: The request headers; names are matched case-insensitively.
-      secret: The merchant's `whsec_...` secret, or several separated by spaces during a rotation.
+      secret: The merchant's `whsec_...` secret, or several separated by spaces during a rotation; `whpk_...`
+        ed25519 public keys (`v1a` signatures) may be given among them.
       now: The receiver's clock, in unix seconds (`time.time()`).
       tolerance_s: The largest accepted distance between webhook-timestamp and now, in seconds.
     """
@@ -120,9 +141,96 @@ def verify(
         raise WebhookVerificationError("webhook-timestamp is not an integer") from None
     if abs(now - timestamp) > tolerance_s:
         raise WebhookVerificationError(f"webhook-timestamp is more than {tolerance_s} s away from now")
+    tokens = secret.split()
+    public_keys = [token for token in tokens if token.startswith("whpk_")]
+    if public_keys and verify_ed25519(body, msg_id, timestamp, sigs.split(), public_keys):
+        return
+    secret = " ".join(token for token in tokens if not token.startswith("whpk_"))
+    if not secret:
+        raise WebhookVerificationError("no signature matches the public key")
     offered = [sig.encode() for sig in sigs.split()]
     for key in parse_webhook_secrets(secret):
         expected = signature(key, msg_id, timestamp, body).encode()
         if any(hmac.compare_digest(expected, candidate) for candidate in offered):
             return
     raise WebhookVerificationError("no signature matches the secret")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One key per merchant, derived from the master secret (README, "Merchants")
+# --------------------------------------------------------------------------------------------------------------------
+
+#: The domain-separation label of the merchant key derivation. Changing it changes every merchant's key.
+MERCHANT_KEY_LABEL = b"whiskypay/merchant-webhook-key/v1"
+
+#: What a merchant_id may be: 1 to 64 characters of A-Z a-z 0-9 _ . : -
+MERCHANT_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+
+#: The largest key_version (it is encoded in 4 bytes).
+MAX_KEY_VERSION = 2**32 - 1
+
+
+def merchant_key(master_key: bytes, merchant_id: str, key_version: int = 1) -> bytes:
+    """Return merchant_id's HMAC key of generation key_version, derived from one master key (32 bytes).
+
+    `HMAC-SHA256(master_key, LABEL || 0x00 || len(merchant_id) as 2 bytes big-endian || merchant_id (ASCII) ||
+    key_version as 4 bytes big-endian)`, LABEL being `MERCHANT_KEY_LABEL`. The length prefix and the fixed-width
+    version make the input unambiguous: ("a:b", 1) and ("a", ...) can never give the same bytes.
+
+    Parameters:
+      master_key: One decoded master key (a `parse_webhook_secrets` item).
+      merchant_id: The merchant's id (`MERCHANT_ID`).
+      key_version: The merchant's key generation, 1 to MAX_KEY_VERSION.
+    """
+    if not MERCHANT_ID.fullmatch(merchant_id):
+        raise ValueError("merchant_id must be 1-64 characters of letters, digits and _ . : -")
+    if isinstance(key_version, bool) or not 1 <= key_version <= MAX_KEY_VERSION:
+        raise ValueError(f"key_version must be an integer from 1 to {MAX_KEY_VERSION}")
+    encoded = merchant_id.encode("ascii")
+    data = MERCHANT_KEY_LABEL + b"\x00" + len(encoded).to_bytes(2, "big") + encoded + key_version.to_bytes(4, "big")
+    return hmac.new(master_key, data, hashlib.sha256).digest()
+
+
+def merchant_secret(master_secret: str, merchant_id: str, key_version: int = 1) -> str:
+    """Return the `whsec_...` secret to give merchant_id for generation key_version (its settings page).
+
+    It is derived from the newest (first) of the space-separated master secrets, so after a master rotation
+    merchants are shown their new secret while webhooks still carry a signature their old one verifies.
+
+    Parameters:
+      master_secret: WHISKYPAY_WEBHOOK_SECRET: one or more space-separated `whsec_` secrets, newest first.
+      merchant_id: The merchant's id.
+      key_version: The merchant's key generation (1 unless rotated).
+    """
+    newest = parse_webhook_secrets(master_secret)[0]
+    return SECRET_PREFIX + base64.b64encode(merchant_key(newest, merchant_id, key_version)).decode()
+
+
+def merchant_signing_keys(
+    master_keys: Sequence[bytes], merchant_id: str | None, key_version: int = 1
+) -> tuple[bytes, ...]:
+    """Return the HMAC keys one webhook is signed with, one `v1` signature each.
+
+    Without a merchant: the master keys themselves (single-merchant mode). With one: for each master key, newest
+    first, the merchant's key of key_version and, during the merchant's rotation, of key_version - 1.
+    """
+    if merchant_id is None:
+        return tuple(master_keys)
+    versions = (key_version, key_version - 1) if key_version > 1 else (key_version,)
+    return tuple(merchant_key(master, merchant_id, version) for master in master_keys for version in versions)
+
+
+def verify_ed25519(
+    body: bytes, msg_id: str, timestamp: int, offered: Sequence[str], public_keys: Sequence[str]
+) -> bool:
+    """Return True when one offered `v1a` signature verifies with one `whpk_` public key (`verify` calls it).
+
+    The id and timestamp are the headers' (the caller checks the timestamp's tolerance); `cryptography` is
+    imported here, only when a public key is given.
+    """
+    from whiskypay import ed25519
+
+    try:
+        return ed25519.verify_any(public_keys, msg_id, timestamp, body, offered)
+    except ValueError as exc:
+        raise WebhookVerificationError(f"bad public key: {exc}") from None
