@@ -72,14 +72,9 @@ def send_callback(
         status = getattr(exc, "tags", {}).get("http_status", "-")
         duration_ms = exc.duration_ms if isinstance(exc, WhiskyPayError) else None
         logger.warning(
-<<<<<<< HEAD
-            "webhook message=%s host=%s status=%s duration_ms=%s attempt=%d failed: %s",
-            message_id, host, status, "-" if duration_ms is None else f"{duration_ms:.0f}", attempt,
+            "webhook message=%s merchant=%s host=%s status=%s duration_ms=%s attempt=%d failed: %s",
+            message_id, merchant, host, status, "-" if duration_ms is None else f"{duration_ms:.0f}", attempt,
             scrub_text(str(exc)),
-=======
-            "webhook message=%s merchant=%s host=%s status=%s duration_ms=%.0f attempt=%d failed: %s",
-            message_id, merchant, host, status, (time.perf_counter() - started) * 1000, attempt, scrub_text(str(exc)),
->>>>>>> fe9941d (Merchants as tenants: merchant_id/key_version in the contract, derived per-merchant keys (N and N-1), ed25519 v1a signatures, event_id on send_email, idempotency scoped by merchant, WHISKYPAY_REQUIRE_MERCHANT_ID, merchant in logs and Sentry tags)
         )
         raise
     logger.info(

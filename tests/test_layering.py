@@ -36,6 +36,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("pure", (
         "whiskypay/signing.py", "whiskypay/retrying.py", "whiskypay/schemas.py", "whiskypay/mail.py",
         "whiskypay/redaction.py", "whiskypay/keys.py", "whiskypay/outcomes.py", "whiskypay/queues.py",
+        "whiskypay/ed25519.py",
     )),
     ("ground", ("whiskypay/errors.py", "whiskypay/__init__.py")),
 )  # fmt: skip

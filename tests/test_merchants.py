@@ -25,11 +25,11 @@ from standardwebhooks.webhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError as ReferenceVerificationError
 
 from actors.callbacks import webhook_body
-from middleware.idempotency import event_reservation, length_prefixed
 from middleware.signing import WebhookSigning, WorkerStartRefused
 from middleware.validation import PayloadValidation
 from settings import ConfigurationError, load_settings
 from whiskypay import ed25519
+from whiskypay.keys import event_reservation, length_prefixed
 from whiskypay.schemas import CallbackArgs, EmailArgs, InvalidPayload, describe, validate_args
 from whiskypay.signing import (
     MERCHANT_KEY_LABEL,
