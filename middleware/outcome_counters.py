@@ -23,8 +23,10 @@ FIELDS = {"delivered": "completed", "dead_lettered": "failed"}
 class OutcomeCounters(Middleware):
     """HINCRBY `completed` when a message is delivered and `failed` when it is dead-lettered (`outcomes.classify`).
 
-    Dramatiq keeps no count of completed messages, so this does. An attempt that is retried or deferred counts
-    as neither. Listed before the middleware that decide `message.failed`, so its after-hooks run after theirs.
+    Dramatiq keeps no count of completed messages, so this does. A message with a `merchant_id` is counted for
+    its merchant too (`keys.merchant_outcome_counters`, for `whiskypay status --merchant`). An attempt that is
+    retried or deferred counts as neither. Listed before the middleware that decide `message.failed`, so its
+    after-hooks run after theirs.
     Counts are added up in memory and written by a background thread every flush_interval_s (and at worker
     shutdown), so counting costs no Redis round trip per message; a killed worker loses at most that
     interval's counts. Outside a worker (tests calling the hooks) a count past the interval also flushes.
@@ -51,8 +53,12 @@ class OutcomeCounters(Middleware):
         field = FIELDS.get(classify(message, exception).label)
         if field is None or not isinstance(broker, RedisBroker):
             return
+        merchant_id = message.kwargs.get("merchant_id") if isinstance(message.kwargs, dict) else None
         with self._lock:
             self._pending[keys.outcome_counters(broker.namespace, message.queue_name), field] += 1
+            if isinstance(merchant_id, str):
+                per_merchant = keys.merchant_outcome_counters(broker.namespace, message.queue_name)
+                self._pending[per_merchant, keys.merchant_outcome_field(field, merchant_id)] += 1
         if self.clock() - self._last_flush >= self.flush_interval_s:
             self.flush(broker)
 
@@ -69,7 +75,8 @@ class OutcomeCounters(Middleware):
             pipe = broker.client.pipeline(transaction=False)
             for (key, field), count in pending.items():
                 pipe.hincrby(key, field, count)
-                pipe.hsetnx(key, "started_at", int(self.clock()))
+                if field in FIELDS.values():  # a queue's own hash; the per-merchant one has no started_at
+                    pipe.hsetnx(key, "started_at", int(self.clock()))
             try:
                 pipe.execute()
             except redis.RedisError as exc:  # a count must never fail or retry a message: keep it for later

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -28,7 +29,9 @@ from actors.callbacks import webhook_body
 from middleware.signing import WebhookSigning, WorkerStartRefused
 from middleware.validation import PayloadValidation
 from settings import ConfigurationError, load_settings
-from whiskypay import ed25519
+from tests.helpers import NAMESPACE
+from whiskypay import ed25519, keys
+from whiskypay.dead_letters import encode_message
 from whiskypay.keys import event_reservation, length_prefixed
 from whiskypay.schemas import CallbackArgs, EmailArgs, InvalidPayload, describe, validate_args
 from whiskypay.signing import (
@@ -328,3 +331,124 @@ def test_a_required_merchant_id_is_refused_at_send_when_missing(requiring_broker
     assert requiring_broker.queues["callbackQueue"].qsize() == 0
     actor.send(**CALLBACK, merchant_id="m_42")
     assert requiring_broker.queues["callbackQueue"].qsize() == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tier 3: the commands against the test Redis (no worker)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+#: A time of the dead letters the tests bury, in unix milliseconds.
+T0 = 1_780_000_000_000
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from whiskypay.cli import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def bury(client: Any, queue: str, actor: str, kwargs: dict[str, Any], *, at_ms: int) -> str:
+    """Put one dead letter into queue's dead-letter set, as Dramatiq stores it; return its message id."""
+    message_id = f"dead-{at_ms}"
+    message = {"queue_name": queue, "actor_name": actor, "args": [], "kwargs": kwargs, "message_id": message_id,
+               "message_timestamp": at_ms, "options": {"retries": 2, "traceback": "HttpStatusError: HTTP 503 from h"}}
+    client.zadd(keys.dead_letters(NAMESPACE, queue), {message_id: at_ms})
+    client.hset(keys.dead_letter_messages(NAMESPACE, queue), message_id, encode_message(message))
+    return message_id
+
+
+def test_failed_shows_the_merchant_and_failed_and_retry_take_one_merchant(redis_client, capsys) -> None:
+    # Given dead letters of two merchants (one of them on both queues) and one without a merchant
+    a1 = bury(redis_client, "callbackQueue", "send_callback", {**CALLBACK, "merchant_id": "m_a"}, at_ms=T0 + 1000)
+    b1 = bury(redis_client, "callbackQueue", "send_callback", {**CALLBACK, "merchant_id": "m_b"}, at_ms=T0 + 2000)
+    a2 = bury(redis_client, "emailQueue", "send_email", {**EMAIL, "merchant_id": "m_a"}, at_ms=T0 + 3000)
+    none = bury(redis_client, "callbackQueue", "send_callback", CALLBACK, at_ms=T0 + 4000)
+    # When failed lists them all, then one merchant's
+    _, everything, _ = cli(capsys, "failed")
+    _, only_a, _ = cli(capsys, "failed", "--merchant", "m_a")
+    _, as_json, _ = cli(capsys, "failed", "--merchant", "m_a", "--json")
+    # Then a MERCHANT column names each one's merchant ("-" without), and --merchant keeps only m_a's
+    header, *rows = everything.splitlines()
+    assert "MERCHANT" in header.split()
+    merchant_of = {row.split()[0]: row.split()[7] for row in rows}
+    assert merchant_of == {a1: "m_a", b1: "m_b", a2: "m_a", none: "-"}
+    assert [row.split()[0] for row in only_a.splitlines()[1:]] == [a2, a1]
+    document = json.loads(as_json)
+    assert document["total"] == 2 and {letter["merchant_id"] for letter in document["dead_letters"]} == {"m_a"}
+    # When m_a's callback dead letters are re-driven (dry run first)
+    code, dry, _ = cli(capsys, "retry", "--queue", "callbackQueue", "--merchant", "m_a", "--dry-run")
+    assert code == 0 and "Would re-drive 1 dead letter(s) of merchant m_a onto callbackQueue" in dry
+    code, out, _ = cli(capsys, "retry", "--queue", "callbackQueue", "--merchant", "m_a")
+    # Then only a1 moved back to callbackQueue; m_b's, the merchant-less one and m_a's email stay dead
+    assert code == 0 and a1 in out and b1 not in out
+    assert redis_client.llen(keys.queue(NAMESPACE, "callbackQueue")) == 1
+    still_dead = set(redis_client.hkeys(keys.dead_letter_messages(NAMESPACE, "callbackQueue")))
+    assert still_dead == {b1.encode(), none.encode()}
+    assert redis_client.zcard(keys.dead_letters(NAMESPACE, "emailQueue")) == 1
+    # And a bad merchant id is refused by the parser, --merchant excludes --all
+    for argv in (["failed", "--merchant", "m a"], ["retry", "--queue", "callbackQueue", "--all", "--merchant", "m"]):
+        with pytest.raises(SystemExit):
+            cli(capsys, *argv)
+
+
+def test_status_of_one_merchant_counts_its_messages_and_outcomes(redis_client, capsys) -> None:
+    from dramatiq import Message
+    from dramatiq.broker import MessageProxy
+
+    import actors
+    from middleware.outcome_counters import OutcomeCounters
+
+    # Given m_a's two waiting callbacks, m_b's one, one dead letter of m_a and counted outcomes
+    for merchant_id in ("m_a", "m_a", "m_b"):
+        actors.send_callback.send(**CALLBACK, merchant_id=merchant_id)
+    bury(redis_client, "callbackQueue", "send_callback", {**CALLBACK, "merchant_id": "m_a"}, at_ms=T0)
+    counters = OutcomeCounters(clock=lambda: 1_780_000_000, flush_interval_s=0)
+    for merchant_id in ("m_a", "m_a", "m_b", "started_at"):
+        done = Message(queue_name="callbackQueue", actor_name="send_callback", args=(),
+                       kwargs={**CALLBACK, "merchant_id": merchant_id}, options={})
+        counters.after_process_message(actors.broker, MessageProxy(done))
+    # When status runs for m_a
+    code, out, _ = cli(capsys, "status", "--merchant", "m_a", "--queue", "callbackQueue", "--json")
+    # Then it counts m_a's messages and outcomes only; the queue's own counters count everyone
+    assert code == 0
+    document = json.loads(out)
+    assert document["merchant_id"] == "m_a"
+    counts = document["queues"]["callbackQueue"]
+    assert (counts["waiting"], counts["dead_lettered"], counts["completed"], counts["failed"]) == (2, 1, 2, 0)
+    stats = redis_client.hgetall(keys.outcome_counters(NAMESPACE, "callbackQueue"))
+    assert stats[b"completed"] == b"4" and stats[b"started_at"] == b"1780000000"  # "started_at" as a merchant: no harm
+    code, text, _ = cli(capsys, "status", "--merchant", "m_b")
+    assert code == 0 and text.startswith("Merchant m_b:") and "callbackQueue" in text
+
+
+def test_secret_prints_a_merchants_secret_and_ed25519_keys(monkeypatch, capsys) -> None:
+    import settings
+
+    # Given a deployment master secret and an ed25519 signing key
+    signing_key, public_key = ed25519.new_key_pair()
+    monkeypatch.setattr(settings, "get_settings", lambda: load_settings(webhook_secret=f"{MASTER} {OLD_MASTER}",
+                                                                         webhook_signing_key=signing_key))
+    # Then --merchant prints exactly one line, the derived secret from the newest master
+    assert cli(capsys, "secret", "--merchant", "m_42") == (0, merchant_secret(MASTER, "m_42") + "\n", "")
+    _, out, _ = cli(capsys, "secret", "--merchant", "m_42", "--key-version", "2")
+    assert out == merchant_secret(MASTER, "m_42", 2) + "\n"
+    # And --public prints the configured key's whpk_, --ed25519 a new pair, plain `secret` a new whsec_
+    assert cli(capsys, "secret", "--public") == (0, public_key + "\n", "")
+    code, pair, _ = cli(capsys, "secret", "--ed25519")
+    secret, public = pair.splitlines()
+    assert code == 0 and ed25519.encode_public_key(ed25519.parse_secret_key(secret)) == public
+    assert cli(capsys, "secret")[1].startswith("whsec_")
+    # And mistakes are one line on stderr with status 2, never printing a key
+    code, out, err = cli(capsys, "secret", "--merchant", "m 42")
+    assert (code, out) == (2, "") and "merchant_id must be 1-64" in err
+    assert cli(capsys, "secret", "--key-version", "2")[0] == 2
+    with pytest.raises(SystemExit):
+        cli(capsys, "secret", "--merchant", "m", "--key-version", "0")
+    monkeypatch.setattr(settings, "get_settings", lambda: load_settings(webhook_secret=None))
+    code, out, err = cli(capsys, "secret", "--merchant", "m_42")
+    assert (code, out) == (2, "") and "WHISKYPAY_WEBHOOK_SECRET is not set" in err
+    assert "WHISKYPAY_WEBHOOK_SIGNING_KEY is not set" in cli(capsys, "secret", "--public")[2]

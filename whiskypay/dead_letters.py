@@ -148,6 +148,12 @@ class DeadLetter:
         return url_host(self.argument("callback_url"))
 
     @property
+    def merchant_id(self) -> str | None:
+        """The `merchant_id` argument, or None when none was given."""
+        value = self.argument("merchant_id")
+        return value if isinstance(value, str) else None
+
+    @property
     def buyer(self) -> str | None:
         """The buyer's email, masked ("b***@example.com"), or None."""
         for name in ("email", "buyer_email"):
@@ -168,6 +174,7 @@ class DeadLetter:
             "attempts": self.attempts,
             "last_error": self.error,
             "callback_host": self.callback_host,
+            "merchant_id": self.merchant_id,
             "buyer": self.buyer,
             "webhook_id": self.options.get("webhook_id"),
             "readable": self.message is not None,

@@ -20,6 +20,7 @@ Ours:
   ns:whiskypay.sent:M:R        string "1": email R ("buyer", "merchant") of message M went out (8 days)
   ns:whiskypay.stats:Q         hash of outcome counters: `completed` (delivered), `failed` (dead-lettered),
                                `started_at` (unix seconds of the first count: the counts are "since" then)
+  ns:whiskypay.stats.merchants:Q  hash of the same counters per merchant: `completed:M`, `failed:M` (M a merchant_id)
   ns:whiskypay.health:Q        hash of check_queue_health's state: `dead_letters_seen`, `open`, `checked_at`
   ns:whiskypay.health.tick:T   string: one run's lock of scheduled minute T ("2026-11-27T21:00Z")
   ns:wake:Q                    pub/sub channel: published by every enqueue on Q (WAKE_ON_ENQUEUE_LUA)
@@ -116,6 +117,20 @@ def email_sent(namespace: str, message_id: str, role: str) -> str:
 def outcome_counters(namespace: str, queue_name: str) -> str:
     """Return the hash of queue_name's outcome counters (a delay queue counts as its queue)."""
     return f"{namespace}:{OURS}.stats:{q_name(queue_name)}"
+
+
+def merchant_outcome_counters(namespace: str, queue_name: str) -> str:
+    """Return the hash of queue_name's outcome counters per merchant (fields `completed:M`, `failed:M`).
+
+    The part before the first ":" is one of two fixed words, so the field reads back unambiguously whatever
+    the merchant id holds.
+    """
+    return f"{namespace}:{OURS}.stats.merchants:{q_name(queue_name)}"
+
+
+def merchant_outcome_field(outcome: str, merchant_id: str) -> str:
+    """Return the field of merchant_id's count of outcome (`completed` or `failed`) in merchant_outcome_counters."""
+    return f"{outcome}:{merchant_id}"
 
 
 def health_state(namespace: str, queue_name: str) -> str:

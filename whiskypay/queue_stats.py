@@ -88,3 +88,46 @@ def queue_counts(client: redis.Redis, namespace: str, queue: str, *, now_ms: int
         dead_letters=int(dead),
         oldest_wait_ms=oldest_wait_ms,
     )
+
+
+def merchant_of(encoded: bytes | str) -> str | None:
+    """Return the `merchant_id` argument of an encoded message, or None (none given, or unreadable)."""
+    try:
+        kwargs = json.loads(encoded).get("kwargs")
+    except (ValueError, TypeError, AttributeError):
+        return None
+    merchant_id = kwargs.get("merchant_id") if isinstance(kwargs, dict) else None
+    return merchant_id if isinstance(merchant_id, str) else None
+
+
+def _merchant_messages(client: redis.Redis, key: str, merchant_id: str) -> list[str]:
+    """Return the ids in hash key (id -> encoded message) of merchant_id's messages, read with HSCAN."""
+    needle = json.dumps(merchant_id).encode()  # a cheap test before decoding: the id appears quoted in the JSON
+    found = []
+    for message_id, encoded in client.hscan_iter(key, count=500):
+        raw = encoded if isinstance(encoded, bytes) else encoded.encode()
+        if needle in raw and merchant_of(raw) == merchant_id:
+            found.append(keys.text(message_id))
+    return found
+
+
+def merchant_counts(client: redis.Redis, namespace: str, queue: str, merchant_id: str) -> QueueCounts:
+    """Count merchant_id's messages of one queue in each state, by reading every message of the queue.
+
+    Unlike `queue_counts` it costs a scan of the queue's, delay queue's and dead-letter queue's messages (HSCAN,
+    500 a round trip): an operator's command, not for a hot path. A message of the queue's hash that is not in
+    its list of waiting ids was fetched by a worker (in flight); every message of the delay queue's hash counts
+    as delayed, fetched or not. oldest_wait_ms is None.
+    """
+    base = keys.queue(namespace, queue)
+    waiting_ids = {keys.text(message_id) for message_id in client.lrange(base, 0, -1)}
+    unacked = _merchant_messages(client, keys.messages(namespace, queue), merchant_id)
+    waiting = sum(1 for message_id in unacked if message_id in waiting_ids)
+    return QueueCounts(
+        queue=queue,
+        waiting=waiting,
+        delayed=len(_merchant_messages(client, keys.messages(namespace, dq_name(queue)), merchant_id)),
+        in_flight=len(unacked) - waiting,
+        dead_letters=len(_merchant_messages(client, keys.dead_letter_messages(namespace, queue), merchant_id)),
+        oldest_wait_ms=None,
+    )

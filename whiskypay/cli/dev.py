@@ -76,11 +76,14 @@ def _use_stack_env(env: dict[str, str]) -> None:
     sys.path.insert(0, str(ROOT))
 
 
-def _enqueue_payment(callback_url: str, buyer: str, merchant: str, plan: str, price: float, saas: str) -> Any:
+def _enqueue_payment(
+    callback_url: str, buyer: str, merchant_email: str, plan: str, price: float, saas: str,
+    merchant_id: str | None = None,
+) -> Any:
     from actors import send_callback, send_email  # imported late: the broker reads the stack's settings
 
-    callback = send_callback.send(callback_url=callback_url, email=buyer, plan=plan, price=price)
-    send_email.send(buyer_email=buyer, merchant_email=merchant, plan=plan, saas_name=saas)
+    callback = send_callback.send(callback_url=callback_url, email=buyer, plan=plan, price=price, merchant_id=merchant_id)
+    send_email.send(buyer_email=buyer, merchant_email=merchant_email, plan=plan, saas_name=saas, merchant_id=merchant_id)
     return callback
 
 
@@ -165,7 +168,9 @@ def demo(args: argparse.Namespace) -> int:
 def pay(args: argparse.Namespace) -> int:
     """Enqueue one payment (callback and emails) through the configured broker, as the gateway does."""
     sys.path.insert(0, str(ROOT))
-    message = _enqueue_payment(args.callback_url, args.buyer, args.merchant, args.plan, args.price, args.saas_name)
+    message = _enqueue_payment(
+        args.callback_url, args.buyer, args.merchant_email, args.plan, args.price, args.saas_name, args.merchant
+    )
     print(f"Enqueued send_callback {message.message_id} and send_email.")
     return 0
 
@@ -183,7 +188,8 @@ def register(commands: Any) -> None:
     p = commands.add_parser("pay", help="enqueue one payment (webhook + emails)")
     p.add_argument("--callback-url", required=True)
     p.add_argument("--buyer", default="buyer@example.com")
-    p.add_argument("--merchant", default="owner@merchant.example")
+    p.add_argument("--merchant-email", default="owner@merchant.example", help="the merchant's address")
+    p.add_argument("--merchant", metavar="MERCHANT_ID", help="the merchant's id (signs with its derived key)")
     p.add_argument("--plan", default="pro")
     p.add_argument("--price", type=float, default=19.99)
     p.add_argument("--saas-name", default="Acme Analytics")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from whiskypay import keys
 from whiskypay.dead_letters import DeadLetter, dead_letter_count, iso_time, iter_dead_letters, redrive
 from whiskypay.errors import OpsError
-from whiskypay.queue_stats import queue_counts
+from whiskypay.queue_stats import merchant_counts, queue_counts
 from whiskypay.queues import Queue
 from whiskypay.redaction import redact_url, url_password
 
@@ -107,11 +107,20 @@ class QueueStatus:
         }
 
 
-def queue_status(client: redis.Redis, namespace: str, queue: str) -> QueueStatus:
-    """Read queue's counts (`whiskypay.queue_stats.queue_counts`) and its outcome counters from Redis."""
-    counts = queue_counts(client, namespace, queue)
+def queue_status(client: redis.Redis, namespace: str, queue: str, merchant_id: str | None = None) -> QueueStatus:
+    """Read queue's counts (`whiskypay.queue_stats.queue_counts`) and its outcome counters from Redis.
+
+    With merchant_id, only that merchant's messages and outcomes (`merchant_counts`, a scan of the queue's
+    messages); counting_since stays the queue's.
+    """
     counters = keys.outcome_counters(namespace, queue)
     completed, failed, started_at = client.hmget(counters, ["completed", "failed", "started_at"])
+    if merchant_id is None:
+        counts = queue_counts(client, namespace, queue)
+    else:
+        counts = merchant_counts(client, namespace, queue, merchant_id)
+        fields = [keys.merchant_outcome_field(outcome, merchant_id) for outcome in ("completed", "failed")]
+        completed, failed = client.hmget(keys.merchant_outcome_counters(namespace, queue), fields)
     return QueueStatus(
         queue=queue,
         waiting=counts.waiting,
@@ -195,10 +204,15 @@ def status_command(args: argparse.Namespace) -> int:
     """Print each queue's waiting, delayed, in-flight and dead-lettered messages and its outcome counters."""
     client, namespace = _connect()
     with client:
-        statuses = [queue_status(client, namespace, queue) for queue in _queues(args)]
+        statuses = [queue_status(client, namespace, queue, args.merchant) for queue in _queues(args)]
     if args.json:
-        print(json.dumps({"namespace": namespace, "queues": {s.queue: s.summary() for s in statuses}}, indent=2))
+        document: dict[str, Any] = {"namespace": namespace}
+        if args.merchant:
+            document["merchant_id"] = args.merchant
+        print(json.dumps({**document, "queues": {s.queue: s.summary() for s in statuses}}, indent=2))
         return 0
+    if args.merchant:
+        print(f"Merchant {args.merchant}:")
     headers = ("QUEUE", "WAITING", "DELAYED", "IN FLIGHT", "DEAD-LETTERED", "COMPLETED", "FAILED", "COUNTING SINCE")
     rows = [
         (s.queue, s.waiting, s.delayed, s.in_flight, s.dead_lettered, s.completed, s.failed,
@@ -213,21 +227,30 @@ def failed_rows(letters: Iterable[DeadLetter]) -> list[tuple[object, ...]]:
     """Return the `whiskypay failed` table rows of letters (error text shortened to ERROR_COLUMN_CHARS)."""
     return [
         (letter.message_id, letter.actor, letter.queue, format_time(letter.failed_at_ms), letter.attempts,
-         letter.callback_host, letter.buyer, shorten(letter.error or "-", ERROR_COLUMN_CHARS))
+         letter.merchant_id, letter.callback_host, letter.buyer, shorten(letter.error or "-", ERROR_COLUMN_CHARS))
         for letter in letters
     ]
 
 
 @_reports_errors
 def failed_command(args: argparse.Namespace) -> int:
-    """Print the dead letters, newest first: id, actor, queue, time, attempts, host, masked buyer, last error."""
+    """Print the dead letters, newest first: id, actor, queue, time, attempts, merchant, host, buyer, last error.
+
+    With --merchant, only that merchant's (every dead letter of the queues is read to find them).
+    """
     client, namespace = _connect()
     with client:
         letters: list[DeadLetter] = []
         total = 0
         for queue in _queues(args):
-            total += dead_letter_count(client, namespace, queue)
-            letters += iter_dead_letters(client, namespace, queue, limit=args.limit)
+            if args.merchant is None:
+                total += dead_letter_count(client, namespace, queue)
+                letters += iter_dead_letters(client, namespace, queue, limit=args.limit)
+                continue
+            every = iter_dead_letters(client, namespace, queue)
+            mine = [letter for letter in every if letter.merchant_id == args.merchant]
+            total += len(mine)
+            letters += mine
     letters.sort(key=lambda letter: letter.failed_at_ms, reverse=True)
     letters = letters[: args.limit]
     if args.json:
@@ -236,7 +259,7 @@ def failed_command(args: argparse.Namespace) -> int:
     if not letters:
         print("No dead letters.")
         return 0
-    headers = ("MESSAGE ID", "ACTOR", "QUEUE", "FAILED AT", "ATTEMPTS", "HOST", "BUYER", "LAST ERROR")
+    headers = ("MESSAGE ID", "ACTOR", "QUEUE", "FAILED AT", "ATTEMPTS", "MERCHANT", "HOST", "BUYER", "LAST ERROR")
     print(format_table(headers, failed_rows(letters), right=(4,)))
     if total > len(letters):
         print(f"({len(letters)} of {total} shown, newest first; use --limit to see more)")
@@ -245,7 +268,10 @@ def failed_command(args: argparse.Namespace) -> int:
 
 @_reports_errors
 def retry_command(args: argparse.Namespace) -> int:
-    """Re-drive dead letters of one queue onto it with a fresh attempt count; print what moved."""
+    """Re-drive dead letters of one queue onto it with a fresh attempt count; print what moved.
+
+    Which: --id (those), --all (every one) or --merchant (every one of that merchant).
+    """
     client, namespace = _connect()
     requested = frozenset(args.id or ())
     found: set[str] = set()
@@ -254,6 +280,8 @@ def retry_command(args: argparse.Namespace) -> int:
     try:
         with client:
             for letter in iter_dead_letters(client, namespace, args.queue, newest_first=False):
+                if args.merchant is not None and letter.merchant_id != args.merchant:
+                    continue
                 if requested:
                     matches = requested & {letter.message_id, letter.redis_id}
                     if not matches:
@@ -276,7 +304,9 @@ def retry_command(args: argparse.Namespace) -> int:
         print(f"not found: {missing} is not dead-lettered in {args.queue}")
     verb = "Would re-drive" if args.dry_run else "Re-drove"
     moved = counts.get("would re-drive" if args.dry_run else "re-driven", 0)
-    print(f"{verb} {moved} dead letter(s) onto {args.queue}" + (" (dry run: nothing moved)." if args.dry_run else "."))
+    whose = f" of merchant {args.merchant}" if args.merchant else ""
+    dry = " (dry run: nothing moved)." if args.dry_run else "."
+    print(f"{verb} {moved} dead letter(s){whose} onto {args.queue}{dry}")
     if counts.get("unreadable"):
         print(f"Skipped {counts['unreadable']} unreadable dead letter(s); they stay in the dead-letter queue.")
     return 1 if missing_ids or counts.get("unreadable") or counts.get("changed") else 0
@@ -298,6 +328,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     status = commands.add_parser("status", help="queue depths, dead letters and completed/failed counters")
     status.add_argument("--queue", choices=queues, help="only this queue (default: all)")
+    status.add_argument("--merchant", type=merchant_id_argument, metavar="MERCHANT_ID",
+                        help="only this merchant's messages and counters (scans the queues' messages)")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.set_defaults(handler=status_command)
 
@@ -305,6 +337,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     failed.add_argument("--queue", choices=queues, help="only this queue (default: all)")
     failed.add_argument("--limit", type=_positive, default=DEFAULT_FAILED_LIMIT,
                         help=f"show at most this many (default: {DEFAULT_FAILED_LIMIT})")
+    failed.add_argument("--merchant", type=merchant_id_argument, metavar="MERCHANT_ID",
+                        help="only this merchant's dead letters")
     failed.add_argument("--json", action="store_true", help="print JSON for scripts")
     failed.set_defaults(handler=failed_command)
 
@@ -313,6 +347,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     which = retry.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", action="extend", nargs="+", metavar="ID", help="message ids from `whiskypay failed`")
     which.add_argument("--all", action="store_true", help="every dead letter of the queue")
+    which.add_argument("--merchant", type=merchant_id_argument, metavar="MERCHANT_ID",
+                       help="every dead letter of this merchant on the queue")
     retry.add_argument("--dry-run", action="store_true", help="show what would move; move nothing")
     retry.set_defaults(handler=retry_command)
 
@@ -322,3 +358,14 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
+
+
+def merchant_id_argument(text: str) -> str:
+    """Check a --merchant value: a merchant id as the contract has it (1-64 of A-Z a-z 0-9 _ . : -)."""
+    from whiskypay.signing import MERCHANT_ID
+
+    if not MERCHANT_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a merchant id (1-64 characters of letters, digits and _ . : -)"
+        )
+    return text
