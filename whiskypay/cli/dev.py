@@ -82,8 +82,9 @@ def _enqueue_payment(
 ) -> Any:
     from actors import send_callback, send_email  # imported late: the broker reads the stack's settings
 
-    callback = send_callback.send(callback_url=callback_url, email=buyer, plan=plan, price=price, merchant_id=merchant_id)
-    send_email.send(buyer_email=buyer, merchant_email=merchant_email, plan=plan, saas_name=saas, merchant_id=merchant_id)
+    merchant = merchant_id
+    callback = send_callback.send(callback_url=callback_url, email=buyer, plan=plan, price=price, merchant_id=merchant)
+    send_email.send(buyer_email=buyer, merchant_email=merchant_email, plan=plan, saas_name=saas, merchant_id=merchant)
     return callback
 
 
