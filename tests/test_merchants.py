@@ -452,3 +452,23 @@ def test_secret_prints_a_merchants_secret_and_ed25519_keys(monkeypatch, capsys) 
     code, out, err = cli(capsys, "secret", "--merchant", "m_42")
     assert (code, out) == (2, "") and "WHISKYPAY_WEBHOOK_SECRET is not set" in err
     assert "WHISKYPAY_WEBHOOK_SIGNING_KEY is not set" in cli(capsys, "secret", "--public")[2]
+
+
+def test_a_dead_lettered_merchants_message_is_tagged_with_its_merchant_in_sentry(sentry) -> None:
+    from dramatiq import Message
+    from dramatiq.broker import MessageProxy
+
+    from middleware.sentry import SentryReporting
+    from whiskypay.errors import HttpStatusError
+
+    # Given sentry-sdk reporting to the fake Sentry, and a callback of m_42 that failed for good
+    with sentry.reporting_here():
+        reporting = SentryReporting(dsn=sentry.dsn, environment="test", release="t")
+        message = MessageProxy(Message(queue_name="callbackQueue", actor_name="send_callback", args=(),
+                                       kwargs={**CALLBACK, "merchant_id": "m_42"}, options={"retries": 4}))
+        message._exception = HttpStatusError("HTTP 503 from m.example", host="m.example", http_status=503)  # type: ignore[attr-defined]
+        # When it is nacked into the dead-letter queue
+        reporting.before_nack(None, message)  # type: ignore[arg-type]
+    # Then its one event carries the merchant as a tag
+    [event] = sentry.items("event")
+    assert event["tags"]["merchant_id"] == "m_42" and event["tags"]["callback_host"] == "m.example"
