@@ -472,3 +472,21 @@ def test_a_dead_lettered_merchants_message_is_tagged_with_its_merchant_in_sentry
     # Then its one event carries the merchant as a tag
     [event] = sentry.items("event")
     assert event["tags"]["merchant_id"] == "m_42" and event["tags"]["callback_host"] == "m.example"
+
+
+def test_the_broker_factory_wires_the_merchant_settings() -> None:
+    from middleware.signing import WebhookSigning
+    from whiskypay.broker import build_broker, middleware_of
+
+    # Given settings that require merchant ids and sign with ed25519 only
+    signing_key, _ = ed25519.new_key_pair()
+    settings = load_settings(require_merchant_id=True, webhook_signing_key=signing_key, webhook_signatures="v1a")
+    broker = build_broker(settings)
+    try:
+        # Then send() requires merchant_id on callbacks, and webhooks carry only the v1a signature
+        assert middleware_of(broker, PayloadValidation).required_at_send == {"send_callback": ("merchant_id",)}
+        signing = middleware_of(broker, WebhookSigning)
+        assert signing.signatures == "v1a" and signing.signing_key is not None
+        assert signing.headers("evt_1", BODY, merchant_id="m_42")["webhook-signature"].startswith("v1a,")
+    finally:
+        broker.close()
