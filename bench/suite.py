@@ -1023,6 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_path: Path = args.plot or (PLOT_PATH if mode == "full" else out.with_suffix(".png"))
     print(f"bench: {mode} run, {sizes.reps} repetition(s) of {','.join(sizes.benchmarks)}", file=sys.stderr)
     results = run(sizes, sink=args.sink, command=command.strip())
+    results.meta["mode"] = mode
     sink = results.sink
     print(f"{'sink':<24} {sink['kind']} ({sink['server']}): {sink['requests_per_s']:,.0f} req/s under {sink['load']}"
           + (f" = {sink['headroom_x']:.0f}x the fastest worker run" if "headroom_x" in sink else ""))  # fmt: skip
@@ -1047,9 +1048,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'plot':<24} {results.meta['plot']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(asdict(results), indent=2) + "\n")
-    from bench.report import render  # it imports this module
+    from bench.report import render, update_docs  # it imports this module
 
+    written = json.loads(out.read_text())
     table = out.with_suffix(".md")
-    table.write_text(render(json.loads(out.read_text())) + "\n")
+    table.write_text(render(written) + "\n")
     print(f"{'results':<24} {out}, {table.name}  ({results.meta['duration_s']:.0f} s)")
+    if mode == "full" and args.out is None:
+        # The full run is the one the docs quote: its tables and verdicts go into them as they are.
+        for doc in update_docs(written, benchmarks_md=REPO_ROOT / "BENCHMARKS.md", readme=REPO_ROOT / "README.md"):
+            print(f"{'updated':<24} {doc.relative_to(REPO_ROOT)}")
     return 0
