@@ -19,12 +19,18 @@ from whiskypay.errors import RefusedHost
 
 
 def is_public_address(address: str) -> bool:
-    """Return True if address is a globally routable unicast IPv4/IPv6 address (IPv4-mapped IPv6 unwrapped)."""
+    """Return True if address is a globally routable unicast IPv4/IPv6 address (IPv4-mapped IPv6 unwrapped).
+
+    Loopback, private, shared (CGNAT), link-local, IPv6 site-local (fec0::/10), unique-local, multicast, reserved,
+    documentation and unspecified addresses are not public; neither are 6to4 and Teredo addresses.
+    """
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         elif ip.sixtofour is not None or ip.teredo is not None:
+            return False
+        elif ip.is_site_local:  # fec0::/10: deprecated (RFC 3879), still routed inside some networks
             return False
     return ip.is_global and not (
         ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_unspecified
