@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from dramatiq import Broker, Message, Middleware
+from dramatiq import Broker, Message, Middleware, Worker
 from dramatiq.broker import MessageProxy
 from dramatiq.logging import get_logger
 from dramatiq.middleware import SkipMessage
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from whiskypay.errors import InvalidMessage, InvalidPayload
 from whiskypay.outcomes import record_failure
-from whiskypay.schemas import describe, validate_args
+from whiskypay.schemas import describe, validate_args, validate_options
 
 
 def _utc_now_iso() -> str:
@@ -22,7 +22,11 @@ def _utc_now_iso() -> str:
 
 
 class PayloadValidation(Middleware):
-    """Refuse bad arguments at `send()` (raise `InvalidPayload`, nothing enqueued) and dead-letter bad messages.
+    """Refuse bad arguments and options at `send()` (raise `InvalidPayload`, nothing enqueued); dead-letter bad messages.
+
+    Every send is checked, whatever options it carries: arguments against the actor's schema, options against
+    `whiskypay.schemas.MessageOptions` (unknown options refused). Only in a worker process are enqueues not
+    checked: they carry messages that were checked before they ran (retries, deferrals, delayed messages).
 
     At enqueue it also fills an omitted `timestamp` with the send time (UTC, ISO-8601); the broker bounds the
     size of the encoded message (`WhiskyPayRedisBroker`, which sees the bytes without encoding them twice).
@@ -50,6 +54,7 @@ class PayloadValidation(Middleware):
         self.https_only = https_only
         self.required_at_send = dict(required_at_send or {})
         self.now_iso = now_iso
+        self._in_worker = False
 
     def _arguments(self, message: Message[Any] | MessageProxy) -> dict[str, Any]:
         if message.args:
@@ -61,25 +66,41 @@ class PayloadValidation(Middleware):
             raise ValueError("arguments: the keyword arguments are not an object")
         return dict(message.kwargs)
 
-    def _problem(self, broker: Broker, message: Message[Any] | MessageProxy) -> str | None:
+    def _problem(self, broker: Broker, message: Message[Any] | MessageProxy, *, at_send: bool) -> str | None:
         schema = self.schemas.get(message.actor_name)
         if schema is None:
             return None
-        try:
-            validate_args(schema, self._arguments(message), https_only=self.https_only)
-        except ValidationError as exc:
-            return describe(exc)
-        except ValueError as exc:
-            return str(exc)
-        except Exception as exc:  # fail closed: Dramatiq ignores other errors from hooks, which would let it through
-            return f"arguments: could not be validated ({type(exc).__name__})"
-        return None
+        problems = []
+        for check in ("arguments", "options"):
+            try:
+                if check == "arguments":
+                    validate_args(schema, self._arguments(message), https_only=self.https_only)
+                elif not isinstance(message.options, dict):
+                    raise ValueError("options: are not an object")
+                else:
+                    validate_options(message.options, allow_unknown=not at_send)
+            except ValidationError as exc:
+                problems.append(describe(exc, of=check))
+            except ValueError as exc:
+                problems.append(str(exc))
+            except Exception as exc:  # fail closed: Dramatiq ignores other errors from hooks, which would let it through
+                problems.append(f"{check}: could not be validated ({type(exc).__name__})")
+        return "; ".join(problems) or None
+
+    def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        self._in_worker = True
+
+    def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        self._in_worker = False
 
     def before_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
-        if message.actor_name not in self.schemas or "retries" in message.options:
-            return  # a retry or a delayed message coming due was checked at its first send
-        problem = self._problem(broker, message)
-        required = self.required_at_send.get(message.actor_name, ())
+        if message.actor_name not in self.schemas:
+            return
+        # In a worker process an enqueue carries a message that passed before_process_message (a retry, a
+        # deferral) or is coming due from the delay queue; refusing it there would leave it in the worker's
+        # ack set, and before_process_message dead-letters an invalid one with its reason anyway.
+        problem = None if self._in_worker else self._problem(broker, message, at_send=True)
+        required = () if self._in_worker else self.required_at_send.get(message.actor_name, ())
         missing = [name for name in required if message.kwargs.get(name) is None]
         if missing and not problem:
             problem = "; ".join(f"{name}: is required (WHISKYPAY_REQUIRE_MERCHANT_ID=true)" for name in missing)
@@ -89,7 +110,7 @@ class PayloadValidation(Middleware):
             message.kwargs["timestamp"] = self.now_iso()
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
-        problem = self._problem(broker, message)
+        problem = self._problem(broker, message, at_send=False)
         if problem:
             self.logger.warning("Dead-lettering invalid message %s: %s", message.message_id, problem)
             record_failure(message, InvalidMessage(problem))

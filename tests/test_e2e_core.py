@@ -194,11 +194,13 @@ def test_cr_lf_in_a_field_cannot_add_a_header(redis_client, smtp_sink, start_wor
     with pytest.raises(InvalidPayload, match="saas_name: must not contain control characters"):
         _send_email(saas_name="Acme\r\nBcc: attacker@evil.example")
     # And a foreign producer bypasses send() and puts such a message straight into the queue
-    actors.broker.enqueue(Message(
-        queue_name="emailQueue", actor_name="send_email", args=(), options={"retries": 0},
+    foreign = Message(
+        queue_name="emailQueue", actor_name="send_email", args=(), options={},
         kwargs=dict(buyer_email="buyer@example.com", merchant_email="owner@merchant.example", plan="pro",
                     saas_name="Acme\r\nBcc: attacker@evil.example"),
-    ))
+    )
+    foreign = foreign.copy(options={"redis_message_id": foreign.message_id})
+    actors.broker.do_enqueue("emailQueue", foreign.message_id, foreign.encode())  # below the enqueue hooks
     start_workers("--queues", "emailQueue", env=env)
     # Then no email went out, and the message is dead-lettered with the reason
     letters = wait_until(lambda: dead_letters(redis_client, "emailQueue"), what="dead letter")

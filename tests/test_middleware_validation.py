@@ -14,6 +14,13 @@ from middleware.validation import PayloadValidation
 from whiskypay.schemas import CallbackArgs, EmailArgs, InvalidPayload
 
 QUEUE = "callbackQueue"
+EMAIL_QUEUE = "emailQueue"
+EMAIL_GOOD: dict[str, Any] = {
+    "buyer_email": "buyer@example.com",
+    "merchant_email": "owner@merchant.example.com",
+    "plan": "Pro",
+    "saas_name": "Acme Analytics",
+}
 NOW_ISO = "2026-11-27T21:00:00Z"
 GOOD: dict[str, Any] = {
     "callback_url": "https://merchant.example.com/hook",
@@ -48,11 +55,16 @@ class Harness:
         def unchecked(*args: Any, **kwargs: Any) -> None:
             self.ran.append({"unchecked": True})
 
+        def send_email(buyer_email: str, merchant_email: str, plan: str, saas_name: str,
+                       logo_url: str | None = None) -> None:
+            self.ran.append({"buyer_email": buyer_email})
+
         self.send_callback = dramatiq.actor(send_callback, broker=self.broker, queue_name=QUEUE)
         self.unchecked = dramatiq.actor(unchecked, broker=self.broker, queue_name=QUEUE)
+        self.send_email = dramatiq.actor(send_email, broker=self.broker, queue_name=EMAIL_QUEUE)
 
-    def queued(self) -> list[dramatiq.Message[Any]]:
-        return [dramatiq.Message.decode(encoded) for encoded in list(self.broker.queues[QUEUE].queue)]
+    def queued(self, queue: str = QUEUE) -> list[dramatiq.Message[Any]]:
+        return [dramatiq.Message.decode(encoded) for encoded in list(self.broker.queues[queue].queue)]
 
 
 @pytest.fixture
@@ -153,7 +165,8 @@ def test_an_actor_without_a_schema_is_not_checked(harness: Harness) -> None:
 
 
 def test_a_message_that_bypassed_send_validation_is_dead_lettered_unrun(harness: Harness, stub_worker: Worker) -> None:
-    # Given a bad message put on the queue directly (a "retries" option makes before_enqueue skip it)
+    # Given a bad message enqueued in a worker process (where before_enqueue does not check: it only carries
+    # messages that were checked before they ran), as a foreign producer's message would arrive
     bad = dramatiq.Message(
         queue_name=QUEUE,
         actor_name="send_callback",
@@ -209,3 +222,135 @@ def test_a_queued_message_with_a_price_too_big_for_a_float_is_dead_lettered_unru
     harness.broker.join(QUEUE, fail_fast=False, timeout=10_000)
     stub_worker.join()
     assert harness.ran == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 9 items 11-13: nothing the gateway can set skips the check
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"retries": 0}, {"retries": 3}, {"redis_message_id": "x"}, {"eta": 1}, {"max_retries": 0}],
+    ids=["retries-0", "retries-3", "redis-id", "eta", "max-retries"],
+)
+def test_no_option_makes_send_skip_the_argument_check(harness: Harness, options: dict[str, Any]) -> None:
+    # Given a callback with a bad price, sent with an option that used to make validation skip it
+    # When it is sent, then it is refused and nothing is enqueued
+    with pytest.raises(InvalidPayload, match="price: "):
+        harness.send_callback.send_with_options(kwargs={**GOOD, "price": -1}, **options)
+    assert harness.queued() == []
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"webhook_id": "evt_1\r\nX-Injected: 1"}, "options.webhook_id: "),
+        ({"webhook_id": "evt 1"}, "options.webhook_id: "),
+        ({"webhook_id": ""}, "options.webhook_id: "),
+        ({"webhook_id": 7}, "options.webhook_id: "),
+        ({"max_retries": -1}, "options.max_retries: "),
+        ({"max_retries": True}, "options.max_retries: "),
+        ({"min_backoff": 0}, "options.min_backoff: "),
+        ({"max_backoff": 10**12}, "options.max_backoff: "),
+        ({"retry_schedule": ["5s"]}, "options.retry_schedule"),
+        ({"retries": -5}, "options.retries: "),
+        ({"traceback": "x" * 5000}, "options.traceback: "),
+        ({"failure_class": "Bad\nClass"}, "options.failure_class: "),
+        ({"surprise": 1}, "options.surprise: is not an option this service knows"),
+    ],
+)
+def test_a_bad_or_unknown_option_is_refused_at_send(harness: Harness, options: dict[str, Any], problem: str) -> None:
+    # Given a valid callback sent with a bad or unknown option
+    # When it is sent, then InvalidPayload names the option and nothing is enqueued
+    with pytest.raises(InvalidPayload) as caught:
+        harness.send_callback.send_with_options(kwargs=GOOD, **options)
+    assert problem in str(caught.value)
+    assert "\r" not in str(caught.value) and "Injected" not in str(caught.value)
+    assert harness.queued() == []
+
+
+def test_good_options_are_accepted_and_kept(harness: Harness) -> None:
+    # Given a callback with a valid webhook id and retry options, when sent, then it is enqueued with them
+    harness.send_callback.send_with_options(
+        kwargs=GOOD, webhook_id="evt_2026.11:27-A", max_retries=2, min_backoff=100, retry_schedule=(1000, 5000)
+    )
+    [message] = harness.queued()
+    assert message.options["webhook_id"] == "evt_2026.11:27-A"
+    assert message.options["retry_schedule"] == [1000, 5000]
+
+
+def test_a_queued_message_with_a_bad_webhook_id_is_dead_lettered_unrun(harness: Harness, stub_worker: Worker) -> None:
+    # Given a message in the queue whose webhook_id would inject a header (as a foreign producer could put there)
+    bad = dramatiq.Message(queue_name=QUEUE, actor_name="send_callback", args=(), kwargs={**GOOD, "timestamp": NOW_ISO},
+                           options={"webhook_id": "a\r\nb", "unknown_but_harmless": 1})  # fmt: skip
+    harness.broker.enqueue(bad)
+    # When a worker drains the queue, then it did not run and is dead-lettered naming the option
+    harness.broker.join(QUEUE, fail_fast=False, timeout=10_000)
+    stub_worker.join()
+    assert harness.ran == []
+    [dead] = harness.broker.dead_letters
+    assert "options.webhook_id: " in dead.options["traceback"]
+    assert "unknown_but_harmless" not in dead.options["traceback"]
+
+
+ENCODED_WORDS = ["=?utf-8?q?bob?=@example.com", "=?UTF-8?B?Ym9i?=@example.com", "bob=?utf-8?q?x?=@example.com"]
+
+
+@pytest.mark.parametrize("address", ENCODED_WORDS)
+@pytest.mark.parametrize(("actor", "field"), [("send_callback", "email"), ("send_email", "buyer_email"),
+                                              ("send_email", "merchant_email")])  # fmt: skip
+def test_an_address_with_an_rfc_2047_encoded_word_is_refused_at_send(
+    harness: Harness, actor: str, field: str, address: str
+) -> None:
+    # Given an address the email library would decode into another one
+    good, queue = (GOOD, QUEUE) if actor == "send_callback" else (EMAIL_GOOD, EMAIL_QUEUE)
+    # When it is sent, then it is refused naming the field, and nothing is enqueued
+    with pytest.raises(InvalidPayload, match=f"{field}: must not contain an RFC 2047 encoded word"):
+        getattr(harness, actor).send(**{**good, field: address})
+    assert harness.queued(queue) == []
+
+
+def test_the_email_library_would_deliver_an_encoded_word_address_elsewhere() -> None:
+    # Why item 12 matters: parsed as a header, the encoded word becomes another address
+    from email.headerregistry import HeaderRegistry
+
+    header = HeaderRegistry()("To", "=?utf-8?q?bob=40evil.example?=@example.com")
+    assert header.addresses[0].addr_spec != "=?utf-8?q?bob=40evil.example?=@example.com"
+
+
+BIDI_AND_INVISIBLE = ["\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069",
+                      "\u200e", "\u200f", "\u061c", "\u200b", "\u2060", "\ufeff", "\u00ad"]  # fmt: skip
+
+
+@pytest.mark.parametrize("char", BIDI_AND_INVISIBLE, ids=lambda c: f"U+{ord(c):04X}")
+@pytest.mark.parametrize(
+    ("actor", "field"),
+    [("send_callback", "plan"), ("send_callback", "email"), ("send_callback", "callback_url"),
+     ("send_email", "plan"), ("send_email", "saas_name"), ("send_email", "buyer_email"),
+     ("send_email", "merchant_email"), ("send_email", "logo_url")],
+)  # fmt: skip
+def test_bidirectional_and_invisible_format_characters_are_refused(
+    harness: Harness, actor: str, field: str, char: str
+) -> None:
+    # Given a field that reaches a header, the subject or a page, with a bidi control or invisible character in it
+    good, queue = (GOOD, QUEUE) if actor == "send_callback" else (EMAIL_GOOD, EMAIL_QUEUE)
+    value = {"email": "bu{}yer@example.com", "buyer_email": "bu{}yer@example.com",
+             "merchant_email": "ow{}ner@example.com", "callback_url": "https://merchant.example.com/h{}ook",
+             "logo_url": "https://merchant.example.com/lo{}go.png"}.get(field, "Pro {} Plan").format(char)  # fmt: skip
+    # When it is sent, then it is refused naming the field, and nothing is enqueued
+    with pytest.raises(InvalidPayload) as caught:
+        getattr(harness, actor).send(**{**good, field: value})
+    assert str(caught.value).startswith(f"{actor}: {field}: ")
+    assert harness.queued(queue) == []
+
+
+@pytest.mark.parametrize("name", ["\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian, with ZWNJ
+                                  "\u0915\u094d\u200d\u0937",  # Devanagari, with ZWJ
+                                  "\u05e9\u05dc\u05d5\u05dd Pro"])  # Hebrew (right-to-left, no controls)
+def test_joiners_and_right_to_left_text_stay_allowed(harness: Harness, name: str) -> None:
+    # Given a plan and SaaS name that need U+200C / U+200D or are written right to left
+    # When sent, then they are accepted as they are
+    harness.send_email.send(**{**EMAIL_GOOD, "plan": name, "saas_name": name})
+    [message] = harness.queued(EMAIL_QUEUE)
+    assert message.kwargs["plan"] == message.kwargs["saas_name"] == name

@@ -223,3 +223,18 @@ def test_a_callback_url_with_unicode_whitespace_is_refused(url: str) -> None:
     # Given a URL with a non-ASCII space, when validated, then it is refused like an ASCII space
     text = problems(CallbackArgs, {**GOOD_CALLBACK, "callback_url": url})
     assert text.startswith("callback_url: ")
+
+
+def test_the_refused_format_characters_are_unicode_category_cf_without_the_joiners() -> None:
+    import re
+    import sys
+    import unicodedata
+
+    from whiskypay.schemas import FORMAT_CHARACTERS
+
+    # Given the character class the schemas refuse, and the Cf characters of this Python's Unicode database
+    refused = re.compile(f"[{FORMAT_CHARACTERS}]")
+    cf = {chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"}
+    # Then the class is exactly Cf minus ZWNJ and ZWJ
+    assert {c for c in cf if refused.fullmatch(c)} == cf - {"\u200c", "\u200d"}
+    assert not any(refused.fullmatch(chr(c)) for c in range(0x20000) if chr(c) not in cf)

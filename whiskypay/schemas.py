@@ -35,13 +35,36 @@ MAX_URL_LENGTH = 2048
 MAX_PRICE = 10**12
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: Unicode format characters (category Cf, Unicode 14 as in Python 3.11): bidirectional controls (U+202A-U+202E,
+#: U+2066-U+2069, U+200E, U+200F, U+061C) that reorder what a reader sees, and invisible ones (U+200B, U+2060,
+#: U+FEFF, soft hyphen, tags...). The joiners U+200C and U+200D are left out: Persian and Indic names need them.
+#: tests/test_schemas.py checks this class against unicodedata.
+FORMAT_CHARACTERS = (
+    "\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e\u200b\u200e-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
+)
+_FORMAT = re.compile(f"[{FORMAT_CHARACTERS}]")
+#: An RFC 2047 encoded word starts with "=?": the email library decodes it in an address header, so the mail
+#: would go to the decoded address instead of the one validated here.
+_ENCODED_WORD_START = "=?"
 _CONTROL_OR_SPACE = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _EVENT_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+
+
+def _no_format_characters(value: str) -> None:
+    found = _FORMAT.search(value)
+    if found:
+        raise ValueError(
+            f"must not contain invisible or bidirectional format characters (found U+{ord(found.group()):04X}); "
+            "remove it (the joiners U+200C and U+200D are allowed)"
+        )
 
 
 def _no_control_characters(value: str) -> str:
     if _CONTROL.search(value):
         raise ValueError("must not contain control characters (CR, LF, tab, NUL...)")
+    _no_format_characters(value)
     if not value.strip():
         raise ValueError("must not be blank")
     return value
@@ -52,6 +75,7 @@ def _check_url(value: str, *, https_only: bool, field: str) -> str:
         raise ValueError(f"is {len(value)} characters long; the limit is {MAX_URL_LENGTH}")
     if _CONTROL_OR_SPACE.search(value):
         raise ValueError("must not contain spaces or control characters")
+    _no_format_characters(value)
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018  raises on a malformed port
@@ -98,6 +122,9 @@ _SPECIAL_USE_TLDS = frozenset({"arpa", "invalid", "local", "localhost", "onion",
 
 def check_email(value: str) -> str:
     """Return value unchanged if it is a deliverable-looking email address; raise ValueError otherwise."""
+    if _ENCODED_WORD_START in value:
+        raise ValueError("must not contain an RFC 2047 encoded word (=?...?=); give the plain address")
+    _no_format_characters(value)
     match = _SIMPLE_EMAIL.fullmatch(value)
     if (
         match is not None
@@ -213,14 +240,71 @@ class EmailArgs(_Schema):
         return None if value is None else _check_url(value, https_only=True, field="logo_url")
 
 
-def describe(error: ValidationError) -> str:
-    """Return "field: problem; field: problem" without echoing the input values (they may be personal data)."""
+#: The longest delay Dramatiq accepts for a message, in milliseconds (7 days; settings.MAX_DELAY_MS).
+_MAX_DELAY_MS = 7 * 24 * 60 * 60 * 1000
+
+_Ms = Annotated[int, Field(ge=0, le=_MAX_DELAY_MS)]
+_UnixMs = Annotated[int, Field(ge=0, lt=2**53)]
+_Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")]
+
+
+class MessageOptions(BaseModel):
+    """The options a message of our actors may carry, each with its type and range.
+
+    At `send()` (`send_with_options(**options)`) every option is checked and unknown ones are refused: the
+    gateway can set nothing unchecked. The broker and our middleware add the second group on the way; they
+    are checked too, so a caller cannot pass off a malformed one (a `retries` option no longer skips anything).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    # What a caller may choose.
+    #: The webhook-id header of every attempt (default: event_id, else msg_<message id>).
+    webhook_id: _Identifier | None = None
+    max_retries: Annotated[int, Field(ge=0, le=100)] | None = None
+    min_backoff: Annotated[int, Field(gt=0, le=_MAX_DELAY_MS)] | None = None
+    max_backoff: Annotated[int, Field(gt=0, le=_MAX_DELAY_MS)] | None = None
+    retry_schedule: Annotated[list[_Ms] | tuple[_Ms, ...], Field(min_length=1, max_length=100)] | None = None
+    max_age: Annotated[int, Field(gt=0)] | None = None
+    time_limit: Annotated[int, Field(gt=0)] | None = None
+    # What the broker and our middleware add (also valid from a caller, with these types).
+    redis_message_id: _Identifier | None = None
+    eta: _UnixMs | None = None
+    retries: Annotated[int, Field(ge=0, le=100)] | None = None
+    requeue_timestamp: _UnixMs | None = None
+    traceback: Annotated[str, Field(max_length=4000)] | None = None
+    failure_class: _Identifier | None = None
+    failed_at: _UnixMs | None = None
+    #: When this message was first deferred (not attempted: its merchant's server was saturated), unix ms.
+    deferred_since: _UnixMs | None = None
+    #: How many times it was deferred in a row.
+    deferrals: Annotated[int, Field(ge=0)] | None = None
+
+
+def validate_options(options: dict[str, Any], *, allow_unknown: bool) -> None:
+    """Check a message's options against MessageOptions; raise ValidationError.
+
+    Parameters:
+      allow_unknown: Pass options this service does not know (a message already in a queue), checking the rest.
+    """
+    known = options if not allow_unknown else {k: v for k, v in options.items() if k in MessageOptions.model_fields}
+    MessageOptions.model_validate(known)
+
+
+def describe(error: ValidationError, *, of: str = "arguments") -> str:
+    """Return "field: problem; field: problem" without echoing the input values (they may be personal data).
+
+    Parameters:
+      of: "arguments" or "options": what the model checked (options are named "options.<name>").
+    """
     problems = []
     for item in error.errors(include_input=False, include_url=False):
-        field = ".".join(str(part) for part in item["loc"]) or "arguments"
+        field = ".".join(str(part) for part in item["loc"]) or of
+        if of == "options":
+            field = f"options.{field}"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "is not an argument of this actor"
+            message = "is not an argument of this actor" if of == "arguments" else "is not an option this service knows"
         elif item["type"] == "missing":
             message = "is required"
         elif message.startswith("value is not a valid email address"):
