@@ -96,6 +96,38 @@ _RETRY_FIELDS = {"callback": Queue.CALLBACKS, "email": Queue.EMAIL}
 _RETRY_DEFAULTS = {field: QueueRetry.of(DEFAULT_POLICIES[queue]) for field, queue in _RETRY_FIELDS.items()}
 
 
+#: What to do when the Redis URL cannot be read; it never quotes the URL (its password would show).
+REDIS_URL_FIX = (
+    "is not a Redis URL redis-py can read. Special characters in the password must be percent-encoded "
+    "(/ as %2F, # as %23, ? as %3F, @ as %40, : as %3A, % as %25), e.g. redis://:p%2Fss%23word@redis:6379/0; "
+    "python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=\"\"))' 'PASSWORD' "
+    "prints the encoded form"
+)
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ValueError (without quoting url) unless redis-py's own parser reads url as the URL it was meant to be.
+
+    An unencoded `/`, `#` or `?` in the password ends the URL's authority early: redis-py then fails with an
+    error that quotes part of the password, or silently connects elsewhere without it. The `@` that separates
+    the password from the host then sits in the path, query or fragment; that is refused here too.
+    """
+    from urllib.parse import urlsplit
+
+    from redis.connection import parse_url
+
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    try:
+        parse_url(url)
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  raises on a port that is not a number
+    except Exception:  # whatever redis-py or urllib raise, their text may quote the password
+        raise ValueError(REDIS_URL_FIX) from None
+    if url.startswith(("redis://", "rediss://")) and "@" in parts.path + parts.query + parts.fragment:
+        raise ValueError(REDIS_URL_FIX)
+
+
 class Settings(BaseSettings):
     """Every setting of the service; see the README's settings table for meanings."""
 
@@ -234,9 +266,8 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_url_scheme(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+    def _redis_url_parses(cls, value: SecretStr) -> SecretStr:
+        check_redis_url(value.get_secret_value())
         return value
 
     @field_validator("smtp_ca_file")

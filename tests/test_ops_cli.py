@@ -304,6 +304,24 @@ def test_an_unreachable_redis_exits_2_quickly_naming_the_setting_without_the_pas
     assert "hunter2" not in run.stderr
 
 
+def test_a_malformed_redis_url_stops_status_and_import_actors_without_quoting_its_password(worker_env) -> None:
+    # Given a Redis URL whose password has an unencoded "/" and "#" (a traceback used to quote part of it)
+    env = {**worker_env, "WHISKYPAY_REDIS_URL": "redis://:TOPSECRET/pa#rt@127.0.0.1:6379/0"}
+    # When `whiskypay status` runs, and when a process imports actors
+    status = subprocess.run([*whiskypay_executable(), "status"], env=env, cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=30, check=False)  # fmt: skip
+    imported = subprocess.run([sys.executable, "-c", "import actors"], env=env, cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=30, check=False)  # fmt: skip
+    # Then both stop, naming the variable and the fix, and neither prints any part of the password
+    assert status.returncode == 2 and imported.returncode != 0
+    for run in (status, imported):
+        output = run.stdout + run.stderr
+        assert "WHISKYPAY_REDIS_URL" in output and "must be percent-encoded" in output
+        for fragment in ("TOPSECRET", "pa#rt", "rt@127"):
+            assert fragment not in output, output
+    assert len(status.stderr.strip().splitlines()) == 1
+
+
 def test_a_redis_that_never_answers_fails_within_the_redis_timeout(worker_env) -> None:
     # Given a server that accepts connections and never says anything
     with socket.socket() as silent:

@@ -227,3 +227,42 @@ def test_each_queues_variables_make_its_one_retry_policy_and_keep_its_other_defa
     assert settings.retry_policies["emailQueue"] == RetryPolicy(attempts=3, backoff_ms=10_000, max_backoff_ms=30_000)
     assert settings.retry_policies is settings.retry_policies
     assert settings.callback_https_only is False
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:SECRET/PART@redis.internal:6379/0",
+        "redis://:SECRET#PART@redis.internal:6379/0",
+        "redis://:SECRET?PART@redis.internal:6379/0",
+        "redis://ops:SECRET/PART@redis.internal:6379/0",
+        "redis://:4242/PART@redis.internal:6379/0",  # parses silently in redis-py: port 4242, no host, no password
+        "rediss://:SECRET#PART@redis.internal:6380",
+        "redis://:SECRET@redis.internal:PART/0",
+    ],
+)
+def test_a_redis_url_with_an_unencoded_special_character_is_refused_without_quoting_it(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    # Given a Redis URL whose password holds an unencoded /, # or ?
+    monkeypatch.setenv("WHISKYPAY_REDIS_URL", url)
+    # When the settings are loaded
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    # Then the error names the variable and says to percent-encode, and shows no part of the URL's password
+    text = str(caught.value)
+    assert "WHISKYPAY_REDIS_URL: is not a Redis URL redis-py can read" in text
+    assert "must be percent-encoded" in text
+    for fragment in ("SECRET", "PART", "4242", "redis.internal"):
+        assert fragment not in text
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://:s%2Fcr%23t%3F@redis:6379/0", "redis://ops:p@ss@redis:6379/1", "rediss://redis:6380",
+     "unix:///run/redis.sock?db=1&password=x", "redis://127.0.0.1:6379/0"],
+)  # fmt: skip
+def test_a_well_formed_redis_url_is_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("WHISKYPAY_REDIS_URL", url)
+    assert load_settings().redis_url.get_secret_value() == url
