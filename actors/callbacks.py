@@ -74,7 +74,7 @@ def send_callback(
         logger.warning(
             "webhook message=%s merchant=%s host=%s status=%s duration_ms=%s attempt=%d failed: %s",
             message_id, merchant, host, status, "-" if duration_ms is None else f"{duration_ms:.0f}", attempt,
-            scrub_text(str(exc)),
+            scrub_text(str(exc), addresses=(email,)),
         )
         raise
     logger.info(

@@ -13,7 +13,7 @@ from whiskypay.broker import middleware_of
 from whiskypay.errors import PermanentError
 from whiskypay.mail import Role, compose
 from whiskypay.queues import Queue
-from whiskypay.redaction import mask_email
+from whiskypay.redaction import mask_address
 
 logger = dramatiq.get_logger(__name__)
 
@@ -65,4 +65,4 @@ def send_email(
         smtp.send(email)
         if client:
             client.set(marker, 1, ex=SENT_MARKER_TTL_S)
-        logger.info("email message=%s merchant=%s role=%s to=%s sent", message_id, merchant, role, mask_email(to))
+        logger.info("email message=%s merchant=%s role=%s to=%s sent", message_id, merchant, role, mask_address(to))

@@ -9,10 +9,10 @@ from dramatiq import Broker, Middleware, Worker
 from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.logging import get_logger
-from dramatiq.middleware import SkipMessage
+from dramatiq.middleware import CurrentMessage, SkipMessage
 
 from whiskypay.errors import WhiskyPayError
-from whiskypay.redaction import scrub, url_host
+from whiskypay.redaction import known_addresses, scrub, url_host
 
 
 def callback_host(message: MessageProxy) -> str | None:
@@ -46,7 +46,9 @@ class SentryReporting(Middleware):
         self.secrets = tuple(secret for secret in secrets if secret)
 
     def _scrub_event(self, event: Any, hint: Any) -> Any:
-        return scrub(event, self.secrets)
+        # A breadcrumb (a log line) is recorded while its message runs: its addresses are known by structure.
+        message = CurrentMessage.get_current_message()
+        return scrub(event, self.secrets, known_addresses(message.kwargs) if message is not None else ())
 
     def start(self) -> None:
         """Initialise sentry-sdk for this process (also used by the scheduler)."""
@@ -87,7 +89,11 @@ class SentryReporting(Middleware):
 
         error_class = message.options.get("failure_class") or type(exception).__name__
         host = callback_host(message)
+        addresses = known_addresses(message.kwargs)
         with sentry_sdk.new_scope() as scope:
+            # Masks the message's own addresses by their structure, whatever characters they hold, before
+            # before_send's text mask runs (an event processor runs first).
+            scope.add_event_processor(lambda event, hint: scrub(event, self.secrets, addresses))
             scope.set_tag("queue", q_name(message.queue_name))
             scope.set_tag("actor", message.actor_name)
             scope.set_tag("message_id", message.message_id)

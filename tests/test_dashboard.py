@@ -8,7 +8,9 @@ password; Debian's chromium driven by Playwright).
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
+import json
 import os
 import re
 import shutil
@@ -89,6 +91,64 @@ def test_a_page_shows_no_secret_no_email_and_no_query_string() -> None:
         "<pre>&#39;http://merchant.example/hook?…&#39;</pre> <td>b***@example.com</td>"
         "<td>[redacted]</td><td>redis://:[redacted]@db:6379/0</td>"
     )
+
+
+@pytest.mark.parametrize(
+    ("page", "leak"),
+    [
+        ("<pre>&#39;https://m.example/a&amp;b?token=LEAK1&#39;</pre>", "LEAK1"),
+        ("<pre>&#34;https://m.example/it&#39;s?token=LEAK2&#34;</pre>", "LEAK2"),
+        ("<pre>&#39;https://m.example/x&amp;y&#39;s/z?a=1&amp;token=LEAK3&#39;</pre>", "LEAK3"),
+        ("<td>https://m.example/p?a=it&#39;s&amp;token=LEAK4</td>", "LEAK4"),
+        ("<td>HTTPS://M.EXAMPLE/p#frag&amp;LEAK5</td>", "LEAK5"),
+        ("callback_url='https://m.example/a&b?token=LEAK6'", "LEAK6"),
+    ],
+)
+def test_every_query_string_is_cut_also_after_an_escaped_ampersand_or_apostrophe(page: str, leak: str) -> None:
+    # Given a page showing a URL whose path holds & or ' (HTML-escaped to &amp; / &#39;) before its query
+    scrubbed = scrub_page(page)
+    # Then the query is cut, and the path up to it and the closing quote are kept
+    assert leak not in scrubbed
+    assert "?…" in scrubbed
+    assert scrubbed.count("m.example") == 1 or scrubbed.count("M.EXAMPLE") == 1
+
+
+def test_a_shown_message_has_its_addresses_masked_by_structure_and_its_urls_cut() -> None:
+    from dramatiq import Message
+
+    from whiskypay.dashboard import masked_message
+
+    # Given a stored callback whose buyer address has an apostrophe (a regular expression over text missed it)
+    message = Message(queue_name="callbackQueue", actor_name="send_callback", args=("o'hara@example.com",),
+                      kwargs={"email": "jane.doe'@example.com", "callback_url": "https://m.example/a&b?token=T0K",
+                              "plan": "pro for jane.doe'@example.com"},
+                      options={"traceback": "SmtpPermanentError: 550 <jane.doe'@example.com>", "retries": 2})  # fmt: skip
+    # When prepared for a page
+    shown = masked_message(message, ("T0K",))
+    # Then the address fields are masked by structure, the URL is cut, and the other strings scrubbed
+    assert shown.kwargs == {"email": "j***@example.com", "callback_url": "https://m.example/a&b?…",
+                            "plan": "pro for j***@example.com"}  # fmt: skip
+    assert shown.args == ("o***@example.com",)
+    assert shown.options["traceback"] == "SmtpPermanentError: 550 <j***@example.com>"
+    assert shown.options["retries"] == 2 and shown.message_id == message.message_id
+    assert "jane.doe" not in str(shown) and "T0K" not in str(shown)
+
+
+def test_an_undecodable_message_placeholder_shows_no_raw_bytes_unmasked() -> None:
+    from dramatiq import Message
+
+    from whiskypay.dashboard import masked_message
+    from whiskypay.redaction import masked_sample
+
+    raw = b'{"kwargs": {"email": "jane.doe\'@example.com", "callback_url": "https://m.example/h?token=T0K"}, \xff'
+    # Given a placeholder written before raw_sample existed (raw bytes in base64), and one written now
+    old = Message(queue_name="callbackQueue", actor_name="undecodable-message", args=(), kwargs={},
+                  options={"raw_base64": base64.b64encode(raw).decode(), "redis_message_id": "r1"})  # fmt: skip
+    # Then neither shows the address or the token, in any encoding
+    for shown in (str(masked_message(old).options), masked_sample(raw)):
+        assert "jane.doe" not in shown and "T0K" not in shown
+        assert base64.b64encode(raw).decode()[:40] not in shown
+        assert "j***@example.com" in shown and "\\xff" in shown
 
 
 @pytest.mark.parametrize(
@@ -234,8 +294,8 @@ def test_a_failed_message_shows_its_error_and_can_be_requeued_and_delivered(
     )
     # Then the dead letter is gone from Redis and the worker delivers it with the same webhook-id
     assert requeued.status_code == 302
-    # (dramatiq-dashboard redirects to the *failed* tab of the new copy, which then shows the failed list)
-    assert requeued.headers["Location"].startswith("/queues/callbackQueue/failed/")
+    # (to the re-driven message's page on the standard tab, which shows the tab once a worker took it)
+    assert requeued.headers["Location"].startswith("/queues/callbackQueue/standard/")
     assert dead_letters(redis_client, "callbackQueue") == []
     delivered = receiver.wait_for(2, path="/hook")[1]
     assert delivered.headers["webhook-id"] == f"msg_{letter['message_id']}"
@@ -273,6 +333,121 @@ def test_a_failed_message_can_be_deleted(
     assert redis_client.zcard(f"{NAMESPACE}:callbackQueue.XQ") == 0
     time.sleep(0.3)
     assert len(receiver.requests("/hook")) == 1
+
+
+def put_dead_letter(client: redis.Redis, queue: str = "callbackQueue", namespace: str = NAMESPACE) -> tuple[str, str]:
+    """Store one dead-lettered callback the way Dramatiq does (XQ set + XQ.msgs hash); return (message id, redis id)."""
+    from dramatiq import Message
+
+    message = Message(queue_name=queue, actor_name="send_callback", args=(),
+                      kwargs={"callback_url": "https://merchant.example/hook", "email": BUYER, "plan": "pro",
+                              "price": 1, "timestamp": "2026-11-27T21:00:00Z"}, options={})  # fmt: skip
+    redis_id = f"dead-{message.message_id}"
+    message = message.copy(options={"redis_message_id": redis_id, "retries": 4, "traceback": "HttpStatusError: 503"})
+    client.hset(f"{namespace}:{queue}.XQ.msgs", redis_id, message.encode())
+    client.zadd(f"{namespace}:{queue}.XQ", {redis_id: int(time.time() * 1000)})
+    return message.message_id, redis_id
+
+
+def queue_state(client: redis.Redis, queue: str = "callbackQueue", namespace: str = NAMESPACE) -> tuple[int, int, int]:
+    """Return (ids in the queue's list, messages in its hash, dead letters) of queue."""
+    base = f"{namespace}:{queue}"
+    return int(client.llen(base)), int(client.hlen(f"{base}.msgs")), int(client.zcard(f"{base}.XQ"))
+
+
+def requeue_form(url: str, redis_id: str) -> tuple[requests.Session, dict[str, str]]:
+    """Open the failed tab in a new logged-in session; return it and the Requeue form's fields for redis_id."""
+    s = requests.Session()
+    s.auth = (USER, PASSWORD)
+    page = s.get(f"{url}/queues/callbackQueue/failed")
+    assert page.status_code == 200 and redis_id in page.text
+    return s, {"__dd_csrf": csrf_token(page.text), "queue": "callbackQueue.XQ", "id": redis_id}
+
+
+def test_two_simultaneous_requeue_clicks_redrive_a_dead_letter_once(
+    redis_client: redis.Redis, dashboard_url: str
+) -> None:
+    # Given 20 trials, each: one dead letter, and two operators who opened the failed tab
+    for _trial in range(20):
+        redis_client.flushdb()
+        message_id, redis_id = put_dead_letter(redis_client)
+        forms = [requeue_form(dashboard_url, redis_id) for _ in range(2)]
+        barrier = threading.Barrier(2)
+        answers: list[int] = []
+
+        def click(session: requests.Session, data: dict[str, str]) -> None:
+            barrier.wait()
+            answers.append(session.post(f"{dashboard_url}/requeue-message", data=data, allow_redirects=False,
+                                        timeout=10).status_code)  # fmt: skip
+
+        # When both click Requeue at the same moment
+        threads = [threading.Thread(target=click, args=form) for form in forms]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(15)
+        for s, _ in forms:
+            s.close()
+        # Then one click re-drove it and the other was told it is gone: one message on the queue, no dead letter
+        assert sorted(answers) == [302, 410]
+        assert queue_state(redis_client) == (1, 1, 0)
+        [data] = redis_client.hvals(f"{NAMESPACE}:callbackQueue.msgs")
+        assert json.loads(data)["message_id"] == message_id and "retries" not in json.loads(data)["options"]
+
+
+@contextlib.contextmanager
+def served(app: Any) -> Iterator[str]:
+    """Serve a WSGI app with waitress on a free loopback port, in a thread; yield its base URL."""
+    import waitress
+
+    server: Any = waitress.create_server(app, host="127.0.0.1", port=0, threads=2, asyncore_loop_timeout=0.1)
+    thread = threading.Thread(target=server.run, name="dashboard-waitress-private", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.close()
+        thread.join(5)
+
+
+def test_a_requeue_keeps_the_dead_letter_when_redis_refuses_writes_and_works_when_it_is_out_of_memory(
+    worker_env: dict[str, str],
+) -> None:
+    from settings import load_settings
+    from whiskypay.broker import build_broker
+    from whiskypay.dashboard import build_app
+
+    # Given the dashboard on a private Redis holding one dead letter
+    with RedisServer() as server:
+        broker = build_broker(load_settings(redis_url=server.url, namespace=NAMESPACE))
+        client = redis.Redis.from_url(server.url)
+        try:
+            _, redis_id = put_dead_letter(client)
+            with served(build_app(broker, username=USER, password=PASSWORD)) as url:
+                s, form = requeue_form(url, redis_id)
+                # When Redis turns read-only (a replica of a master it cannot reach: it keeps its data) and the
+                # operator clicks Requeue
+                client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+                refused = s.post(f"{url}/requeue-message", data=form, allow_redirects=False, timeout=10)
+                # Then the page says Redis refused and nothing changed: the dead letter is still there, whole
+                assert refused.status_code == 503
+                assert "the dead letter is unchanged" in refused.text and "ReadOnlyError" in refused.text
+                assert queue_state(client) == (0, 0, 1)
+                assert client.hexists(f"{NAMESPACE}:callbackQueue.XQ.msgs", redis_id)
+                # When Redis accepts writes again but is out of memory (maxmemory 1, noeviction: Dramatiq's own
+                # enqueue is refused there, which made dramatiq-dashboard's delete-then-enqueue lose the message)
+                client.execute_command("REPLICAOF", "NO", "ONE")
+                client.config_set("maxmemory-policy", "noeviction")
+                client.config_set("maxmemory", 1)
+                again = s.post(f"{url}/requeue-message", data=form, allow_redirects=False, timeout=10)
+                # Then the same click re-drives it: the move starts by deleting, which Redis allows when full
+                assert again.status_code == 302, again.text
+                assert queue_state(client) == (1, 1, 0)
+                client.config_set("maxmemory", 0)
+                s.close()
+        finally:
+            broker.close()
+            client.close()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -9,21 +9,26 @@ The WSGI stack, outermost first:
 
     BasicAuth       401 + WWW-Authenticate unless the request carries the configured credentials
     ScrubPages      masks email addresses, redacts secrets and query strings in every page; forbids framing and caching
-    DashboardApp    dramatiq-dashboard itself (its own CSRF token guards the requeue and delete forms)
+    DashboardApp    dramatiq-dashboard itself (its own CSRF token guards the requeue and delete forms), with two changes
+                    (`dashboard_app_class`): every message it shows has its address fields masked by their structure
+                    and its URLs cut before the query string, and Requeue re-drives a dead letter with the same
+                    atomic script as `whiskypay retry` (two clicks re-drive it once; a Redis error changes nothing)
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import html
 import ipaddress
 import re
+import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from whiskypay.redaction import mask_email
+from whiskypay.redaction import known_addresses, mask_arguments, mask_email, masked_sample, scrub
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -44,8 +49,18 @@ SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
 )
 
-# The query string or fragment of an http(s) URL in an HTML page, up to the closing quote (raw or escaped).
-_URL_QUERY = re.compile(r"(https?://[^\s'\"<>?#&]+)[?#][^\s\"'<>]*?(?=&#39;|&#34;|&quot;|&lt;|&gt;|[\s'\"<>]|$)")
+# An http(s) URL in a page up to its query string or fragment. Its path may hold HTML entities (the page escapes
+# & and ' to &amp; and &#39;): they are part of the path, not its end.
+_URL_QUERY = re.compile(r"(?i)(https?://(?:&#?\w+;|[^\s'\"<>?#])+)[?#][^\s'\"<>]*")
+# What may follow the cut query string and is kept: the quote that closed the URL's string, and punctuation.
+_QUOTE_TAIL = re.compile(r"(?:&#39;|&#x27;|&#34;|&quot;|&#x22;)[,:;)\]}]*$")
+
+
+def _cut_query(match: re.Match[str]) -> str:
+    # The query runs to the next space, tag or raw quote, so an escaped quote inside it cannot end it early;
+    # an escaped quote at its very end (the string's closing quote) is put back.
+    tail = _QUOTE_TAIL.search(match.group(0)[len(match.group(1)) :])
+    return match.group(1) + "?…" + (tail.group(0) if tail else "")
 
 
 class BasicAuth:
@@ -109,7 +124,7 @@ def scrub_page(text: str, secrets: Iterable[str] = ()) -> str:
     """
     for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
         text = text.replace(secret, "[redacted]").replace(html.escape(secret), "[redacted]")
-    return _URL_QUERY.sub(r"\1?…", mask_email(text))
+    return _URL_QUERY.sub(_cut_query, mask_email(text))
 
 
 class ScrubPages:
@@ -153,6 +168,105 @@ class ScrubPages:
         return [body]
 
 
+def masked_message(message: Any, secrets: tuple[str, ...] = ()) -> Any:
+    """Return a copy of a Dramatiq message safe to show: address fields masked by their structure, URL fields cut
+    before their query string, every other argument and option scrubbed, an undecodable message's raw sample masked.
+
+    Parameters:
+        message: a `dramatiq.Message` as read from Redis.
+        secrets: exact values never to show.
+    """
+    kwargs = message.kwargs if isinstance(message.kwargs, dict) else {}
+    addresses = known_addresses(kwargs)
+    options: dict[str, Any] = {}
+    for name, value in message.options.items():
+        if name == "raw_base64" and isinstance(value, str):  # placeholders written before raw_sample existed
+            try:
+                options[name] = masked_sample(base64.b64decode(value), secrets)
+            except (binascii.Error, ValueError):
+                options[name] = "[unreadable]"
+        elif name != "redis_message_id":
+            options[name] = scrub(value, secrets, addresses)
+    return message.copy(
+        args=tuple(scrub(arg, secrets, addresses) for arg in message.args or ()),
+        kwargs=mask_arguments(kwargs, secrets) if isinstance(message.kwargs, dict) else {},
+        options=options,
+    )
+
+
+@functools.cache
+def dashboard_app_class() -> type:
+    """Return dramatiq-dashboard's DashboardApp with masked messages and an atomic Requeue (imported on first use).
+
+    The app takes `(broker, prefix, secrets)`.
+    """
+    import redis
+    from dramatiq.common import q_name, xq_name
+    from dramatiq_dashboard import DashboardApp
+    from dramatiq_dashboard.csrf import csrf_protect
+    from dramatiq_dashboard.http import HTTP_405, HTTP_410, handler, redirect
+    from dramatiq_dashboard.interface import Job, RedisInterface
+
+    from whiskypay.dead_letters import decode_dead_letter, redrive
+
+    class MaskedInterface(RedisInterface):  # type: ignore[misc]
+        def __init__(self, broker: RedisBroker, secrets: tuple[str, ...]) -> None:
+            super().__init__(broker)
+            self.secrets = secrets
+
+        def _masked(self, job: Any) -> Any:
+            return Job.from_message(masked_message(job.message, self.secrets))
+
+        def get_jobs(self, queue_name: str, cursor: int = 0) -> tuple[int | None, list[Any]]:
+            next_cursor, jobs = super().get_jobs(queue_name, cursor)
+            return next_cursor, [self._masked(job) for job in jobs]
+
+        def get_job(self, queue_name: str, message_id: str) -> Any:
+            job = super().get_job(queue_name, message_id)
+            return job and self._masked(job)
+
+    class WhiskyPayDashboard(DashboardApp):  # type: ignore[misc]
+        def __init__(self, broker: RedisBroker, prefix: str, secrets: tuple[str, ...] = ()) -> None:
+            super().__init__(broker, prefix)
+            self.iface = MaskedInterface(broker, secrets)
+
+        @handler  # type: ignore[misc]
+        @csrf_protect  # type: ignore[misc]
+        def requeue_message(self, req: Any) -> Any:
+            # dramatiq-dashboard's own requeue reads the message, deletes it, then enqueues a copy: two clicks
+            # enqueue it twice, and a failed enqueue after the delete loses it. This re-drives it with the one
+            # Lua script `whiskypay retry` uses: moved once, or not at all.
+            if req.method != "POST":
+                return HTTP_405, "Expected a POST request."
+            queue, redis_id = req.post_data.get("queue", ""), req.post_data.get("id", "")
+            if queue != xq_name(queue) or not redis_id:
+                return "409 Conflict", "Only dead letters (a queue's Failed tab) can be requeued."
+            client, namespace = self.broker.client, self.broker.namespace
+            try:
+                raw = client.hget(f"{namespace}:{queue}.msgs", redis_id)
+                score = client.zscore(f"{namespace}:{queue}", redis_id)
+                if raw is None or score is None:
+                    return HTTP_410, "This dead letter no longer exists: it was requeued or deleted already."
+                letter = decode_dead_letter(q_name(queue), redis_id, raw, int(score))
+                if letter.message is None:
+                    return "409 Conflict", f"This dead letter is unreadable ({letter.problem}); it stays where it is."
+                new_id = str(uuid.uuid4())
+                result = redrive(client, namespace, letter, new_id=new_id)
+            except redis.RedisError as exc:
+                return (
+                    "503 Service Unavailable",
+                    f"Redis refused the requeue ({type(exc).__name__}); the dead letter is unchanged. "
+                    "Try again once Redis accepts writes.",
+                )
+            if result == "gone":
+                return HTTP_410, "This dead letter no longer exists: it was requeued or deleted already."
+            if result == "changed":
+                return "409 Conflict", "This dead letter changed while it was read; reload the page and try again."
+            return redirect(self.make_uri("queues", q_name(queue), "standard", new_id))
+
+    return WhiskyPayDashboard
+
+
 def build_app(broker: RedisBroker, *, username: str, password: str, secrets: Iterable[str] = ()) -> WSGIApplication:
     """Return the dashboard's WSGI application for broker, behind basic auth and page scrubbing.
 
@@ -162,10 +276,9 @@ def build_app(broker: RedisBroker, *, username: str, password: str, secrets: Ite
         password: the basic-auth password (also redacted from pages).
         secrets: further values never to show in a page.
     """
-    from dramatiq_dashboard import DashboardApp
-
-    dashboard: WSGIApplication = DashboardApp(broker=broker, prefix="")
-    scrubbed = ScrubPages(dashboard, secrets=(*secrets, password))
+    hidden = tuple(s for s in (*secrets, password) if s)
+    dashboard: WSGIApplication = dashboard_app_class()(broker, "", hidden)
+    scrubbed = ScrubPages(dashboard, secrets=hidden)
     return BasicAuth(scrubbed, username=username, password=password)
 
 

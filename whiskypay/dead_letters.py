@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from whiskypay import keys
-from whiskypay.redaction import mask_email, scrub_text, url_host
+from whiskypay.redaction import ADDRESS_FIELDS, mask_address, scrub_text, url_host
 
 if TYPE_CHECKING:
     import redis
@@ -128,7 +128,12 @@ class DeadLetter:
         if self.message is None:
             return f"unreadable: {self.problem}"
         value = self.options.get("traceback")
-        return scrub_text(str(value)) if value else None
+        return scrub_text(str(value), addresses=self.addresses) if value else None
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The message's known addresses (its address arguments), for masking them by structure."""
+        return tuple(value for name in sorted(ADDRESS_FIELDS) if isinstance(value := self.argument(name), str))
 
     def argument(self, name: str) -> object:
         """Return the actor argument called name, from kwargs or by its position in args."""
@@ -159,8 +164,7 @@ class DeadLetter:
         for name in ("email", "buyer_email"):
             value = self.argument(name)
             if isinstance(value, str):
-                masked = mask_email(value)
-                return masked if masked != value else "***"
+                return mask_address(value)
         return None
 
     def summary(self) -> dict[str, Any]:

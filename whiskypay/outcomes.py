@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Literal, NamedTuple, Protocol
 
 from whiskypay.errors import Deferred
-from whiskypay.redaction import error_summary
+from whiskypay.redaction import error_summary, known_addresses
 
 AttemptOutcome = Literal["delivered", "failed", "deferred"]
 Disposition = Literal["retried", "dead_lettered", "parked"]
@@ -68,13 +68,20 @@ def classify(message: _Processed, exception: BaseException | None) -> Outcome:
     return Outcome("failed", "retried")
 
 
-def failure_options(exception: BaseException | None) -> dict[str, str]:
-    """Return the `traceback` ("ErrorClass: text", scrubbed) and `failure_class` options for exception."""
+def failure_options(exception: BaseException | None, addresses: tuple[str, ...] = ()) -> dict[str, str]:
+    """Return the `traceback` ("ErrorClass: text", scrubbed) and `failure_class` options for exception.
+
+    Parameters:
+      addresses: The message's known addresses, masked by their structure wherever the text quotes them.
+    """
     if exception is None:
         return {"traceback": "failed without an error", "failure_class": "Unknown"}
-    return {"traceback": error_summary(exception), "failure_class": type(exception).__name__}
+    return {"traceback": error_summary(exception, addresses), "failure_class": type(exception).__name__}
 
 
 def record_failure(message: _WithOptions, exception: BaseException | None) -> None:
-    """Write exception onto message's options (`traceback`, `failure_class`), replacing an earlier one."""
-    message.options.update(failure_options(exception))
+    """Write exception onto message's options (`traceback`, `failure_class`), replacing an earlier one.
+
+    The message's own addresses (its address arguments) are masked in the text by their structure.
+    """
+    message.options.update(failure_options(exception, known_addresses(getattr(message, "kwargs", None))))

@@ -22,12 +22,13 @@ a dead worker's messages) as they are:
   Dramatiq leaves them to maintenance, a heartbeat timeout later).
 - Poison messages. Stock Dramatiq cannot decode random bytes or wrong-shape JSON; its consumer restarts
   and the message sits unacked forever. Here it is rewritten into a readable placeholder message that
-  carries the reason (and the first bytes, base64) and dead-lettered.
+  carries the reason (and the first bytes as text, addresses masked and URLs cut: `masked_sample`) and
+  dead-lettered.
 """
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import threading
 import time
 from typing import Any
@@ -43,11 +44,12 @@ from dramatiq.logging import get_logger
 from whiskypay import keys
 from whiskypay.errors import InvalidPayload
 from whiskypay.outcomes import failure_options
+from whiskypay.redaction import masked_sample
 
 #: Maintenance requeues dead workers' messages; ack and nack never trigger it (as in Dramatiq).
 _NO_MAINTENANCE = frozenset({"ack", "nack"})
 
-#: How much of an undecodable message is kept (base64) in its dead-letter placeholder, in bytes.
+#: How much of an undecodable message is kept (as masked text) in its dead-letter placeholder, in bytes.
 POISON_SAMPLE_BYTES = 2048
 
 #: The actor name given to the placeholder of an undecodable message.
@@ -255,7 +257,10 @@ class WhiskyPayRedisBroker(RedisBroker):
                     options={
                         "redis_message_id": redis_id,
                         **failure_options(exception),
-                        "raw_base64": base64.b64encode(data[:POISON_SAMPLE_BYTES]).decode(),
+                        # Its bytes may hold a buyer's address or a callback URL's token: they are kept only as
+                        # masked text, with a digest to tell copies apart.
+                        "raw_sample": masked_sample(data[:POISON_SAMPLE_BYTES]),
+                        "raw_sha256": hashlib.sha256(data).hexdigest(),
                         "raw_size": len(data),
                     },
                 )
