@@ -333,3 +333,70 @@ def test_without_a_dsn_nothing_is_sent(redis_client, receiver, sentry, start_wor
     wait_until(lambda: dead_letters(redis_client, "callbackQueue"), what="dead letter")
     time.sleep(0.5)
     assert sentry.endpoint.requests() == []
+
+
+def test_addresses_with_an_apostrophe_are_masked_in_logs_sentry_the_cli_and_the_dashboard(
+    redis_client, smtp_sink, sentry, start_workers, env, capsys
+):
+    import threading
+    import wsgiref.simple_server
+
+    import requests
+
+    import actors
+    from whiskypay.dashboard import build_app
+
+    # Given addresses a regular expression over text did not mask, and a relay that refuses the merchant's one
+    buyer, merchant = "jane.doe'@example.com", "o'brien+sales@merchant.example"
+    smtp_sink.fail_next(1, code=550, text="5.1.1 mailbox unavailable", stage="RCPT", rcpt=merchant)
+    worker = start_workers("--queues", "emailQueue",
+                           env={**env, **sentry.env(WHISKYPAY_MAIL_FROM="payments@whiskypay.example")})
+    # When a payment's emails are sent: the buyer's goes out (a log line, a Sentry breadcrumb), the merchant's is
+    # refused with a 5xx (a dead letter, a Sentry event carrying that breadcrumb)
+    actors.send_email.send(buyer_email=buyer, merchant_email=merchant, plan="pro", saas_name="Acme")
+    smtp_sink.wait_for(1)
+    (letter,) = wait_until(lambda: dead_letters(redis_client, "emailQueue"), what="a dead letter")
+    wait_until(lambda: sentry.events(), what="a sentry event")
+    # And an operator lists the dead letters and opens the message in the dashboard
+    code, listed, _ = cli(capsys, "failed", "--json")
+    assert code == 0
+    app = build_app(actors.broker, username="ops", password="pw-for-this-test")
+    server = wsgiref.simple_server.make_server("127.0.0.1", 0, app, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        redis_id = letter["options"]["redis_message_id"]
+        pages = [requests.get(f"{base}{path}", auth=("ops", "pw-for-this-test"), timeout=10)
+                 for path in ("/queues/emailQueue/failed", f"/queues/emailQueue/failed/{redis_id}")]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert all(page.status_code == 200 for page in pages)
+    # Then neither address shows anywhere, each is masked to its first character and domain
+    log = worker.log()
+    sentry_raw = b"".join(sentry.bodies()).decode()
+    shown = {"worker log": log, "sentry": sentry_raw, "cli": listed, "dashboard": "".join(p.text for p in pages)}
+    for where, text in shown.items():
+        for secret in ("jane.doe", "o'brien", "o&#39;brien", "brien+sales"):
+            assert secret not in text, f"{secret} in the {where}"
+    assert "to=j***@example.com sent" in log
+    assert "role=buyer" in sentry_raw and "***@example.com sent" in sentry_raw  # the buyer's log line, a breadcrumb
+    assert json.loads(listed)["dead_letters"][0]["buyer"] == "j***@example.com"
+    assert "j***@example.com" in shown["dashboard"] and "o***@merchant.example" in shown["dashboard"]
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run `whiskypay argv...` in this process; return (exit status, stdout, stderr)."""
+    from whiskypay.cli import main
+
+    capsys.readouterr()
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+class _QuietHandler(__import__("wsgiref.simple_server").simple_server.WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

@@ -10,6 +10,9 @@ from dramatiq.broker import MessageProxy
 
 from whiskypay.redaction import (
     RedactMessageArgs,
+    cut_url,
+    mask_address,
+    mask_arguments,
     describe_message,
     dramatiq_message_loggers,
     install_log_redaction,
@@ -28,6 +31,11 @@ from whiskypay.redaction import (
         ("to buyer@example.com now", "to b***@example.com now"),
         ("a@example.com, b.c@example.org", "a***@example.com, b***@example.org"),
         ("no address here", "no address here"),
+        ("jane.doe'@example.com", "j***@example.com"),
+        ("to <o'hara+x@example.com>", "to <o***@example.com>"),
+        ("'buyer@example.com'", "'b***@example.com'"),
+        ("a!b#c$d%e&f*g=h?i^j`k{l|m}n~o/p@example.com", "a***@example.com"),
+        ("buyer@example.xn--p1ai", "b***@example.xn--p1ai"),
     ],
 )
 def test_email_addresses_keep_only_their_first_letter_and_domain(address: str, masked: str) -> None:
@@ -164,3 +172,27 @@ def test_installing_the_redaction_twice_adds_one_filter_per_logger() -> None:
             logger = logging.getLogger(name)
             for existing in [f for f in logger.filters if isinstance(f, RedactMessageArgs)]:
                 logger.removeFilter(existing)
+
+
+@pytest.mark.parametrize(
+    ("address", "masked"),
+    [("jane.doe'@example.com", "j***@example.com"), ('"john doe"@example.com', '"***@example.com'),
+     ("a@b@example.com", "a***@example.com"), ("not an address", "***"), ("@example.com", "***")],
+)  # fmt: skip
+def test_a_known_address_is_masked_by_its_structure(address: str, masked: str) -> None:
+    assert mask_address(address) == masked
+
+
+def test_known_addresses_are_masked_by_structure_inside_any_text() -> None:
+    # Given an error text quoting an address the text mask cannot see as one (a quoted local part)
+    text = 'SMTP 550 for <"jane doe"@example.com>: rejected'
+    # When scrubbed knowing the message's addresses, then it is masked
+    assert scrub_text(text, addresses=['"jane doe"@example.com']) == 'SMTP 550 for <"***@example.com>: rejected'
+
+
+def test_shown_arguments_have_addresses_masked_and_urls_cut() -> None:
+    shown = mask_arguments({"buyer_email": "jane.doe'@example.com", "logo_url": "https://cdn.example/l.png?sig=S",
+                            "plan": "pro", "price": 5})  # fmt: skip
+    assert shown == {"buyer_email": "j***@example.com", "logo_url": "https://cdn.example/l.png?…", "plan": "pro",
+                     "price": 5}  # fmt: skip
+    assert cut_url("https://u:p@m.example:8443/a?b#c") == "https://m.example:8443/a?…"
