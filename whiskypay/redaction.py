@@ -59,7 +59,14 @@ def url_host(url: object) -> str | None:
 
 def mask_email(address: str) -> str:
     """Return text with every address in it masked: "b***@example.com" for "buyer@example.com"."""
-    return _EMAIL.sub(r"\1***@\2", address)
+    return _EMAIL.sub(_mask_match, address)
+
+
+def _mask_match(match: re.Match[str]) -> str:
+    local = match.group(0).rpartition("@")[0]
+    if local.endswith("***") and len(local) <= 4:  # masked already (by structure, or by an earlier pass)
+        return match.group(0)
+    return f"{match.group(1)}***@{match.group(2)}"
 
 
 def mask_address(address: str) -> str:
