@@ -1,4 +1,4 @@
-"""One webhook attempt over a requests.Session: POST, no redirects, bounded read, classified failure."""
+"""One webhook attempt over a requests.Session: POST, no redirects, bounded in time and size, classified failure."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from urllib.parse import urlsplit
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
-from whiskypay.errors import DeliveryError, EndpointGone, HttpStatusError, RefusedHost, WhiskyPayError
+from whiskypay.deadline import AttemptScope
+from whiskypay.errors import DeliveryError, EndpointGone, HttpStatusError, WhiskyPayError
 from whiskypay.retrying import parse_retry_after_ms
 
 
@@ -30,22 +31,26 @@ def post_webhook(
     connect_timeout_s: float,
     read_timeout_s: float,
     max_response_bytes: int,
+    scope: AttemptScope | None = None,
 ) -> Attempt:
     """POST body to url once; return on 2xx, raise a classified `WhiskyPayError` otherwise.
 
     Redirects are not followed (a 3xx is a failure). At most max_response_bytes of the response are read;
-    a longer body closes the connection instead of being read to the end. Error texts carry the host only.
+    a longer body closes the connection instead of being read to the end, and so does a body still arriving
+    at the deadline (connect + read timeout): its status is the answer. Error texts carry the host only.
     This is the one timer of an attempt: its duration is the Attempt's, or the raised error's `duration_ms`.
 
     Parameters:
       connect_timeout_s, read_timeout_s: Socket timeouts, in seconds.
       max_response_bytes: The most of the response body read, in bytes.
+      scope: The running attempt (`whiskypay.deadline`), whose watchdog ends it at its deadline; its
+        connection must come from a `whiskypay.netguard.GuardedAdapter`.
     """
     started = time.perf_counter()
     try:
         status = _post(
             session, url, body, headers, started=started, connect_timeout_s=connect_timeout_s,
-            read_timeout_s=read_timeout_s, max_response_bytes=max_response_bytes,
+            read_timeout_s=read_timeout_s, max_response_bytes=max_response_bytes, scope=scope,
         )
     except WhiskyPayError as exc:
         exc.duration_ms = (time.perf_counter() - started) * 1000
@@ -63,6 +68,7 @@ def _post(
     connect_timeout_s: float,
     read_timeout_s: float,
     max_response_bytes: int,
+    scope: AttemptScope | None,
 ) -> int:
     host = urlsplit(url).hostname or "?"
     try:
@@ -82,18 +88,27 @@ def _post(
                 # Enough to know the answer: stop at the size cap, or when a trickling body passes the deadline.
                 if received > max_response_bytes or time.perf_counter() > deadline:
                     break
+        except (requests.RequestException, OSError):
+            if scope is None or not scope.expired:
+                raise  # the body stalled or broke off within the deadline: a failed attempt, as before
+            # the watchdog ended a body still trickling at the deadline: the status is the answer
         finally:
             response.close()
-    except RefusedHost:
-        raise
-    except requests.Timeout:
-        raise DeliveryError(f"timed out waiting for {host}", host=host) from None
-    except requests.ConnectionError as exc:
-        if any(isinstance(arg, ReadTimeoutError) for arg in exc.args):
+    except WhiskyPayError:
+        raise  # RefusedHost from the SSRF guard, Deferred from the slow-server cap
+    except (requests.RequestException, OSError) as exc:
+        if scope is not None and scope.expired:
+            raise DeliveryError(
+                f"timed out waiting for {host} (the attempt's {connect_timeout_s + read_timeout_s:g} s deadline)",
+                host=host,
+            ) from None
+        if isinstance(exc, requests.Timeout):
             raise DeliveryError(f"timed out waiting for {host}", host=host) from None
-        reason = type(exc.__context__ or exc).__name__
-        raise DeliveryError(f"could not connect to {host} ({reason})", host=host) from None
-    except requests.RequestException as exc:
+        if isinstance(exc, requests.ConnectionError):
+            if any(isinstance(arg, ReadTimeoutError) for arg in exc.args):
+                raise DeliveryError(f"timed out waiting for {host}", host=host) from None
+            reason = type(exc.__context__ or exc).__name__
+            raise DeliveryError(f"could not connect to {host} ({reason})", host=host) from None
         raise DeliveryError(f"request to {host} failed ({type(exc).__name__})", host=host) from None
     status = response.status_code
     if 200 <= status < 300:

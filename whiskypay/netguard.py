@@ -1,20 +1,28 @@
-"""Refuse webhook connections to loopback, private, link-local and reserved addresses (SSRF guard).
+"""Webhook connections: refused to loopback, private, link-local and reserved addresses (SSRF guard), and bounded.
 
 The check runs on the socket after it connected, on the peer address the kernel reports, so a DNS answer
 that changes between a check and the connect (DNS rebinding) cannot slip through: there is no earlier
 check to fool. Redirects are never followed and proxies from the environment are ignored.
+
+Every connection also resolves and connects within one budget (`connect_within`), and hands its socket to the
+running attempt so that `whiskypay.deadline` can end the attempt at its deadline, whatever the server does.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+import time
 from typing import Any
 
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util.connection import allowed_gai_family
 
+from whiskypay.deadline import Resolver, current_attempt
 from whiskypay.errors import RefusedHost
 
 
@@ -49,14 +57,131 @@ def _checked(sock: socket.socket, host: str) -> socket.socket:
     return sock
 
 
-class _GuardedHTTPConnection(HTTPConnection):
-    def _new_conn(self) -> socket.socket:
-        return _checked(super()._new_conn(), self.host)
+def resolve_within(host: str, port: int, timeout_s: float, *, resolver: Resolver = socket.getaddrinfo) -> list[Any]:
+    """Return resolver's addresses for host:port (TCP), or raise `socket.timeout` after timeout_s seconds.
+
+    getaddrinfo cannot be interrupted, so a name runs in a thread of its own; a resolver that hangs leaves that
+    (daemon) thread behind, not the caller. An IP literal is resolved inline.
+    """
+    family = allowed_gai_family()
+    try:
+        ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        pass
+    else:
+        return resolver(host, port, family, socket.SOCK_STREAM)
+    answer: list[Any] = []
+    done = threading.Event()
+
+    def resolve() -> None:
+        try:
+            answer.append(resolver(host, port, family, socket.SOCK_STREAM))
+        except BaseException as exc:  # noqa: BLE001  handed to the caller below
+            answer.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=resolve, name="whiskypay-resolve", daemon=True).start()
+    if not done.wait(max(timeout_s, 0.0)):
+        raise socket.timeout(f"resolving {host} took longer than {timeout_s:.1f} s")
+    if isinstance(answer[0], BaseException):
+        raise answer[0]
+    return list(answer[0])
 
 
-class _GuardedHTTPSConnection(HTTPSConnection):
+def connect_within(
+    host: str, port: int, timeout_s: float, *, resolver: Resolver = socket.getaddrinfo,
+    socket_options: Any = None, source_address: tuple[str, int] | None = None,
+) -> socket.socket:
+    """Open a TCP connection to host:port within timeout_s seconds in all: resolution and every address tried.
+
+    Like urllib3's `create_connection`, it tries each address in turn, but they share one budget: a host with
+    many unreachable addresses does not get one connect timeout per address.
+    """
+    deadline = time.monotonic() + timeout_s
+    infos = resolve_within(host, port, timeout_s, resolver=resolver)
+    error: OSError | None = None
+    for family, socktype, proto, _, address in infos:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        sock = socket.socket(family, socktype, proto)
+        try:
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(remaining)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        sock.settimeout(timeout_s)
+        return sock
+    if error is not None and time.monotonic() < deadline:
+        raise error
+    raise socket.timeout(f"connecting to {host} took longer than {timeout_s:.1f} s")
+
+
+class _BoundedHTTPConnection(HTTPConnection):
+    """A connection that resolves and connects within its connect timeout and the attempt's deadline, and
+    hands its socket to the running attempt (`whiskypay.deadline`), also when it is reused."""
+
+    #: Refuse non-public peers (the SSRF guard).
+    guarded = False
+
     def _new_conn(self) -> socket.socket:
-        return _checked(super()._new_conn(), self.host)
+        scope = current_attempt()
+        budget = self.timeout if isinstance(self.timeout, int | float) else 30.0
+        if scope is not None:
+            budget = min(budget, scope.remaining())
+        try:
+            sock = connect_within(
+                self._dns_host, self.port, budget, resolver=scope.resolver if scope else socket.getaddrinfo,
+                socket_options=self.socket_options, source_address=self.source_address,
+            )
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(self, f"Connection to {self.host} timed out. (connect timeout={budget})") from exc
+        except OSError as exc:
+            raise NewConnectionError(self, f"Failed to establish a new connection: {type(exc).__name__}") from exc
+        if self.guarded:
+            _checked(sock, self.host)
+        if scope is not None:
+            try:
+                scope.use(sock)
+            except BaseException:
+                sock.close()
+                raise
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        scope = current_attempt()
+        if scope is not None and self.sock is not None:  # a kept-alive connection (a new one was handed over)
+            scope.use(self.sock)
+        super().request(*args, **kwargs)
+
+
+class _BoundedHTTPSConnection(_BoundedHTTPConnection, HTTPSConnection):
+    pass
+
+
+class _GuardedHTTPConnection(_BoundedHTTPConnection):
+    guarded = True
+
+
+class _GuardedHTTPSConnection(_BoundedHTTPSConnection):
+    guarded = True
+
+
+class _BoundedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _BoundedHTTPConnection
+
+
+class _BoundedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _BoundedHTTPSConnection
 
 
 class _GuardedHTTPPool(HTTPConnectionPool):
@@ -68,7 +193,10 @@ class _GuardedHTTPSPool(HTTPSConnectionPool):
 
 
 class GuardedAdapter(HTTPAdapter):
-    """A requests adapter whose connections refuse non-public peers.
+    """A requests adapter whose connections refuse non-public peers and keep to the attempt's deadline.
+
+    Every connection resolves and connects within its connect timeout (all addresses together), and hands its
+    socket to the running attempt (`whiskypay.deadline.AttemptScope.use`), which bounds the whole attempt.
 
     Parameters:
       allow_private(bool): Accept every address (development and tests only).
@@ -80,5 +208,7 @@ class GuardedAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        if not self.allow_private:
+        if self.allow_private:
+            self.poolmanager.pool_classes_by_scheme = {"http": _BoundedHTTPPool, "https": _BoundedHTTPSPool}
+        else:
             self.poolmanager.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
