@@ -22,7 +22,7 @@ def _utc_now_iso() -> str:
 
 
 class PayloadValidation(Middleware):
-    """Refuse bad arguments and options at `send()` (raise `InvalidPayload`, nothing enqueued); dead-letter bad messages.
+    """Refuse bad arguments and options at `send()` (raise `InvalidPayload`, nothing enqueued); dead-letter bad ones.
 
     Every send is checked, whatever options it carries: arguments against the actor's schema, options against
     `whiskypay.schemas.MessageOptions` (unknown options refused). Only in a worker process are enqueues not
@@ -83,7 +83,7 @@ class PayloadValidation(Middleware):
                 problems.append(describe(exc, of=check))
             except ValueError as exc:
                 problems.append(str(exc))
-            except Exception as exc:  # fail closed: Dramatiq ignores other errors from hooks, which would let it through
+            except Exception as exc:  # fail closed: Dramatiq ignores other errors from hooks (they would let it pass)
                 problems.append(f"{check}: could not be validated ({type(exc).__name__})")
         return "; ".join(problems) or None
 

@@ -122,7 +122,8 @@ def test_a_shown_message_has_its_addresses_masked_by_structure_and_its_urls_cut(
     message = Message(queue_name="callbackQueue", actor_name="send_callback", args=("o'hara@example.com",),
                       kwargs={"email": "jane.doe'@example.com", "callback_url": "https://m.example/a&b?token=T0K",
                               "plan": "pro for jane.doe'@example.com"},
-                      options={"traceback": "SmtpPermanentError: 550 <jane.doe'@example.com>", "retries": 2})  # fmt: skip
+                      options={"traceback": "SmtpPermanentError: 550 <jane.doe'@example.com>",
+                               "retries": 2})  # fmt: skip
     # When prepared for a page
     shown = masked_message(message, ("T0K",))
     # Then the address fields are masked by structure, the URL is cut, and the other strings scrubbed
@@ -375,7 +376,8 @@ def test_two_simultaneous_requeue_clicks_redrive_a_dead_letter_once(
         barrier = threading.Barrier(2)
         answers: list[int] = []
 
-        def click(session: requests.Session, data: dict[str, str]) -> None:
+        def click(session: requests.Session, data: dict[str, str], barrier: threading.Barrier = barrier,
+                  answers: list[int] = answers) -> None:
             barrier.wait()
             answers.append(session.post(f"{dashboard_url}/requeue-message", data=data, allow_redirects=False,
                                         timeout=10).status_code)  # fmt: skip

@@ -338,6 +338,7 @@ def test_without_a_dsn_nothing_is_sent(redis_client, receiver, sentry, start_wor
 def test_addresses_with_an_apostrophe_are_masked_in_logs_sentry_the_cli_and_the_dashboard(
     redis_client, smtp_sink, sentry, start_workers, env, capsys
 ):
+    import json
     import threading
     import wsgiref.simple_server
 

@@ -105,22 +105,25 @@ def test_given_a_merchant_slower_than_the_read_timeout_when_posted_then_the_atte
     assert time.monotonic() - started < 0.9
 
 
-def test_given_a_slow_request_in_flight_when_another_goes_to_its_host_then_it_is_deferred_and_others_flow(
+def test_given_a_slow_request_in_flight_when_another_goes_to_its_server_then_it_is_deferred_and_others_flow(
     receiver: HttpReceiver,
 ) -> None:
-    # Given one request to a host (127.0.0.1) running past slow_after_s (0.3 s), with host_concurrency 1
+    # Given one request to a server (127.0.0.1) running past slow_after_s (0.3 s), with host_concurrency 1
     receiver.respond("/slow", Response(status=200, delay_s=0.8))
     http = clients(read_timeout_s=2)
     slow = in_thread(lambda: http.post(receiver.url("/slow"), BODY, {}))
     receiver.wait_for(1, path="/slow")
     time.sleep(0.4)
-    # When another request goes to that host, then it is deferred by one read timeout, unsent
-    with pytest.raises(Deferred) as raised:
-        http.post(receiver.url("/fast"), BODY, {})
-    assert raised.value.delay == 2_000 and raised.value.tags["host"] == "127.0.0.1"
+    # When another request goes to that server, also by another name, then it is deferred by one read timeout, unsent
+    for url in (receiver.url("/fast"), f"http://localhost:{receiver.port}/fast"):
+        with pytest.raises(Deferred) as raised:
+            http.post(url, BODY, {})
+        assert raised.value.delay == 2_000 and raised.value.tags["server"] == f"127.0.0.1:{receiver.port}"
+    assert raised.value.tags["host"] == "localhost"
     assert receiver.requests("/fast") == []
-    # And another host (localhost) is not capped
-    assert http.post(f"http://localhost:{receiver.port}/fast", BODY, {}).status == 200
+    # And another server (127.0.0.2) is not capped
+    with HttpReceiver(host="127.0.0.2") as other:
+        assert http.post(other.url("/fast"), BODY, {}).status == 200
     slow.join(5)
 
 

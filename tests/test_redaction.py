@@ -11,11 +11,11 @@ from dramatiq.broker import MessageProxy
 from whiskypay.redaction import (
     RedactMessageArgs,
     cut_url,
-    mask_address,
-    mask_arguments,
     describe_message,
     dramatiq_message_loggers,
     install_log_redaction,
+    mask_address,
+    mask_arguments,
     mask_email,
     scrub,
     scrub_text,

@@ -230,8 +230,8 @@ def dashboard_app_class() -> type:
             super().__init__(broker, prefix)
             self.iface = MaskedInterface(broker, secrets)
 
-        @handler  # type: ignore[misc]
-        @csrf_protect  # type: ignore[misc]
+        @handler  # type: ignore[untyped-decorator]
+        @csrf_protect  # type: ignore[untyped-decorator]
         def requeue_message(self, req: Any) -> Any:
             # dramatiq-dashboard's own requeue reads the message, deletes it, then enqueues a copy: two clicks
             # enqueue it twice, and a failed enqueue after the delete loses it. This re-drives it with the one

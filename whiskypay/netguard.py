@@ -76,14 +76,14 @@ def resolve_within(host: str, port: int, timeout_s: float, *, resolver: Resolver
     def resolve() -> None:
         try:
             answer.append(resolver(host, port, family, socket.SOCK_STREAM))
-        except BaseException as exc:  # noqa: BLE001  handed to the caller below
+        except BaseException as exc:
             answer.append(exc)
         finally:
             done.set()
 
     threading.Thread(target=resolve, name="whiskypay-resolve", daemon=True).start()
     if not done.wait(max(timeout_s, 0.0)):
-        raise socket.timeout(f"resolving {host} took longer than {timeout_s:.1f} s")
+        raise TimeoutError(f"resolving {host} took longer than {timeout_s:.1f} s")
     if isinstance(answer[0], BaseException):
         raise answer[0]
     return list(answer[0])
@@ -121,7 +121,7 @@ def connect_within(
         return sock
     if error is not None and time.monotonic() < deadline:
         raise error
-    raise socket.timeout(f"connecting to {host} took longer than {timeout_s:.1f} s")
+    raise TimeoutError(f"connecting to {host} took longer than {timeout_s:.1f} s")
 
 
 class _BoundedHTTPConnection(HTTPConnection):
@@ -157,7 +157,7 @@ class _BoundedHTTPConnection(HTTPConnection):
                 raise
         return sock
 
-    def request(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def request(self, *args: Any, **kwargs: Any) -> None:
         scope = current_attempt()
         if scope is not None and self.sock is not None:  # a kept-alive connection (a new one was handed over)
             scope.use(self.sock)

@@ -34,17 +34,20 @@ def test_a_slow_merchant_gets_at_most_two_threads_and_the_fast_one_keeps_flowing
     start_workers: StartWorkers,
     env: dict[str, str],
     report: Report,
+    request: pytest.FixtureRequest,
 ) -> None:
     read_timeout_s = 3.0
     threads = 8
-    # Given a merchant (host localhost) that hangs past the read timeout and one (host 127.0.0.1) that answers
-    receiver.respond("/slow", Response(status=200, delay_s=10))
+    # Given a merchant server (127.0.0.2) that hangs past the read timeout and another (127.0.0.1) that answers
+    slow = HttpReceiver(host="127.0.0.2").start()
+    request.addfinalizer(slow.stop)
+    slow.respond("/slow", Response(status=200, delay_s=10))
     receiver.respond("/fast", Response(status=200))
     start_workers(env={**env, "WHISKYPAY_WEBHOOK_READ_TIMEOUT_S": str(read_timeout_s)}, threads=threads)
-    slow_url = f"http://localhost:{receiver.port}/slow"
+    slow_url = slow.url("/slow")
     # When 40 callbacks to the slow merchant are queued first and hold every thread
     send_callbacks(slow_url, 40)
-    receiver.wait_for(threads, path="/slow", timeout_s=15)
+    slow.wait_for(threads, path="/slow", timeout_s=15)
     saturated_at = time.monotonic()
     # And 10 fast callbacks come in while they hang, and 10 more once the slow host is capped
     first_wave = send_callbacks(receiver.url("/fast"), 10)
@@ -61,7 +64,7 @@ def test_a_slow_merchant_gets_at_most_two_threads_and_the_fast_one_keeps_flowing
     assert max(first + second) <= read_timeout_s + 2, (first, second)
     assert max(second) <= 2.0, second  # with the slow host capped, 6 threads are free for the fast one
     # And the slow host never had more requests in flight than there are threads, and at most 2 once capped
-    slow_starts = [hit.at for hit in receiver.requests("/slow")]
+    slow_starts = [hit.at for hit in slow.requests("/slow")]
     in_flight = read_timeout_s - 0.05  # the client gives up at read_timeout_s after sending
     first_window = max_concurrency([s for s in slow_starts if s < slow_starts[0] + read_timeout_s], in_flight)
     settled = max_concurrency(slow_starts, in_flight, since=slow_starts[0] + read_timeout_s + 0.5)

@@ -132,10 +132,13 @@ class HttpReceiver:
 
     Parameters:
         port: port to bind; 0 (default) picks a free one.
+        host: the loopback address to bind: two receivers on 127.0.0.2 and 127.0.0.3 are two servers (two
+            spellings of one address are one server to the slow-delivery cap).
     """
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, *, host: str = "127.0.0.1") -> None:
         self._requested_port = port
+        self.host = host
         self.port: int = 0
         self._lock = threading.Condition()
         self._received: list[Received] = []
@@ -179,7 +182,7 @@ class HttpReceiver:
         if self._server is not None:
             return self
         self._stopping.clear()
-        server = _ReceiverHTTPServer(("127.0.0.1", self._requested_port), _ReceiverHandler)
+        server = _ReceiverHTTPServer((self.host, self._requested_port), _ReceiverHandler)
         server.receiver = self
         self.port = int(server.server_address[1])
         self._server = server
@@ -214,7 +217,7 @@ class HttpReceiver:
         """
         if not path.startswith("/"):
             path = "/" + path
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def respond(self, path: str, *responses: Response) -> None:
         """Script the responses for ``path``: consumed in order, the last one repeats forever.
