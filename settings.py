@@ -194,6 +194,9 @@ class Settings(BaseSettings):
     email: QueueRetry = _RETRY_DEFAULTS["email"]
     #: The longest wait a merchant's Retry-After header can ask for, in milliseconds (default 1 hour).
     retry_after_max_ms: int = Field(default=3_600_000, ge=0, le=MAX_DELAY_MS)
+    #: The longest a message waits in deferrals in a row (not attempted: its merchant's server is saturated by
+    #: slow deliveries), in seconds; then it is dead-lettered with the reason (default 1 hour).
+    max_deferral_s: int = Field(default=3600, gt=0, le=MAX_DELAY_MS // 1000)
 
     # Dashboard.
     dashboard_username: str | None = None

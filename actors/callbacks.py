@@ -66,7 +66,8 @@ def send_callback(
     host = urlsplit(callback_url).hostname
     try:
         result = middleware_of(broker, HttpClients).post(callback_url, body, headers)
-    except Deferred:
+    except Deferred as exc:
+        logger.info("webhook message=%s host=%s attempt=%d deferred: %s", message_id, host, attempt, exc)
         raise
     except Exception as exc:
         status = getattr(exc, "tags", {}).get("http_status", "-")

@@ -21,7 +21,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.logging import get_logger
 
-from whiskypay.errors import Deferred, HttpStatusError
+from whiskypay.errors import Deferred, DeferredTooLong, HttpStatusError
 from whiskypay.outcomes import record_failure
 from whiskypay.queues import Queue
 from whiskypay.redaction import describe_message
@@ -38,7 +38,10 @@ class QueueRetryPolicy(Middleware):
       policies: Queue name to RetryPolicy; queues without one use `default`.
       default: The policy for other queues.
       retry_after_max_ms: The longest wait a Retry-After header may impose, in milliseconds.
+      max_deferral_ms: The longest a message is deferred in a row (`Deferred`: not attempted, no attempt
+        counted), in milliseconds; past it the message is dead-lettered with `DeferredTooLong`.
       rand: Randomness for jitter.
+      clock: Unix seconds, for the deferral bound.
     """
 
     def __init__(
@@ -47,13 +50,17 @@ class QueueRetryPolicy(Middleware):
         policies: Mapping[str, RetryPolicy],
         default: RetryPolicy = DEFAULT_POLICY,
         retry_after_max_ms: int = 3_600_000,
+        max_deferral_ms: int = 3_600_000,
         rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.logger = get_logger(__name__, type(self))
         self.policies = dict(policies)
         self.default = default
         self.retry_after_max_ms = retry_after_max_ms
+        self.max_deferral_ms = max_deferral_ms
         self.rand = rand
+        self.clock = clock
 
     @property
     def actor_options(self) -> set[str]:
@@ -83,9 +90,11 @@ class QueueRetryPolicy(Middleware):
         if exception is None:
             return
         if isinstance(exception, Deferred):
-            self.logger.debug("Deferring %s by %d ms: %s", describe_message(message), exception.delay, exception)
-            broker.enqueue(cast("Message[Any]", message), delay=exception.delay)
+            self._defer(broker, message, exception)
             return
+        # An attempt was made: a later deferral starts a new bounded wait.
+        message.options.pop("deferred_since", None)
+        message.options.pop("deferrals", None)
         actor = broker.get_actor(message.actor_name)
         record_failure(message, exception)
         throws = message.options.get("throws") or actor.options.get("throws")
@@ -111,6 +120,25 @@ class QueueRetryPolicy(Middleware):
         else:
             delay = policy.delay_ms(retries, rand=self.rand)
         message.options["retries"] = retries + 1
-        message.options["requeue_timestamp"] = int(time.time() * 1000)
+        message.options["requeue_timestamp"] = int(self.clock() * 1000)
         self.logger.info("Retrying %s in %d ms (attempt %d failed).", describe_message(message), delay, retries + 1)
         broker.enqueue(cast("Message[Any]", message), delay=delay)
+
+    def _defer(self, broker: Broker, message: MessageProxy, exception: Deferred) -> None:
+        """Re-enqueue a deferred message after exception.delay, or dead-letter it once deferred too long."""
+        now_ms = int(self.clock() * 1000)
+        since = message.options.setdefault("deferred_since", now_ms)
+        deferrals = message.options["deferrals"] = message.options.get("deferrals", 0) + 1
+        waited_ms = now_ms - since
+        if waited_ms >= self.max_deferral_ms:
+            record_failure(message, DeferredTooLong(
+                f"not attempted: deferred {deferrals} times over {waited_ms / 1000:.0f} s, past the "
+                f"{self.max_deferral_ms / 1000:.0f} s limit (WHISKYPAY_MAX_DEFERRAL_S), because {exception}; "
+                "re-drive it with `whiskypay retry` once the merchant's server answers faster",
+                **exception.tags,
+            ))  # fmt: skip
+            self.logger.warning("Giving up on %s: %s", describe_message(message), message.options["traceback"])
+            message.fail()
+            return
+        self.logger.debug("Deferring %s by %d ms: %s", describe_message(message), exception.delay, exception)
+        broker.enqueue(cast("Message[Any]", message), delay=exception.delay)

@@ -309,3 +309,74 @@ def test_a_successful_message_is_left_alone(stub_broker: StubBroker) -> None:
     middleware(stub_broker).after_process_message(stub_broker, message, result=None)
     assert "retries" not in message.options and "traceback" not in message.options
     assert list(stub_broker.queues[f"{QUEUE}.DQ"].queue) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Deferrals (not attempted, no attempt counted) are bounded by WHISKYPAY_MAX_DEFERRAL_S (issue 9 item 7)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_message_deferred_past_the_limit_is_dead_lettered_with_a_reason_that_says_so() -> None:
+    from whiskypay.errors import Deferred
+
+    # Given a permanently saturated merchant server: every run of its callback is deferred by 40 ms
+    broker = StubBroker(middleware=[QueueRetryPolicy(policies={QUEUE: RetryPolicy(attempts=5, backoff_ms=10)},
+                                                     max_deferral_ms=300)])  # fmt: skip
+    runs = Calls()
+
+    @dramatiq.actor(broker=broker, queue_name=QUEUE)
+    def saturated() -> None:
+        runs.record()
+        raise Deferred("2 slow deliveries to m.example's server 127.0.0.2:443 in flight; deferred", delay_ms=40,
+                       host="m.example", server="127.0.0.2:443")  # fmt: skip
+
+    worker = Worker(broker, worker_timeout=20, worker_threads=1)
+    worker.start()
+    try:
+        # When its message is sent
+        started = time.monotonic()
+        saturated.send()
+        broker.join(QUEUE, fail_fast=False, timeout=5_000)
+        worker.join()
+    finally:
+        worker.stop()
+        broker.close()
+    # Then it was deferred for about the limit (no attempt counted), then dead-lettered, and the reason says why
+    assert time.monotonic() - started < 2.0
+    [dead] = broker.dead_letters
+    assert 5 <= runs.count <= 12 and dead.options["deferrals"] == runs.count
+    assert dead.options.get("retries", 0) == 0
+    assert dead.options["failure_class"] == "DeferredTooLong"
+    reason = dead.options["traceback"]
+    assert reason.startswith("DeferredTooLong: not attempted: deferred ")
+    assert "WHISKYPAY_MAX_DEFERRAL_S" in reason and "127.0.0.2:443" in reason
+
+
+def test_an_attempt_between_deferrals_starts_a_new_bounded_wait(stub_broker: StubBroker) -> None:
+    from whiskypay.errors import Deferred
+
+    now = [1_000.0]
+    policy = QueueRetryPolicy(policies={QUEUE: RetryPolicy(attempts=5, backoff_ms=10)}, max_deferral_ms=60_000,
+                              clock=lambda: now[0])  # fmt: skip
+    broker = StubBroker(middleware=[policy])
+
+    @dramatiq.actor(broker=broker, queue_name=QUEUE)
+    def flaky() -> None:
+        pass
+
+    message = MessageProxy(flaky.message())
+    deferred = Deferred("saturated", delay_ms=15_000, server="127.0.0.2:443")
+    # Given a message deferred twice, 50 s apart (within the 60 s limit)
+    policy.after_process_message(broker, message, exception=deferred)
+    now[0] += 50
+    policy.after_process_message(broker, message, exception=deferred)
+    assert message.options["deferrals"] == 2 and message.options["deferred_since"] == 1_000_000
+    # When it is then attempted and fails, and is deferred again 50 s later
+    policy.after_process_message(broker, message, exception=RuntimeError("HTTP 503"))
+    assert "deferred_since" not in message.options
+    now[0] += 50
+    policy.after_process_message(broker, message, exception=deferred)
+    # Then the new wait is counted from that deferral: still not dead-lettered
+    assert not message.failed and message.options["deferrals"] == 1
+    assert message.options["deferred_since"] == 1_100_000
+    broker.close()

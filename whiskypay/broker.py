@@ -115,7 +115,8 @@ def build_broker(settings: Settings) -> RedisBroker:
             secrets=secrets_of(settings),
         ),
         DeadLetterReasons(),
-        QueueRetryPolicy(policies=settings.retry_policies, retry_after_max_ms=settings.retry_after_max_ms),
+        QueueRetryPolicy(policies=settings.retry_policies, retry_after_max_ms=settings.retry_after_max_ms,
+                         max_deferral_ms=settings.max_deferral_s * 1000),
     ]
     if settings.metrics_enabled:
         # Appended last: their after-hooks run first, so DeliveryMetrics counts outcomes in after_ack/after_nack,

@@ -14,6 +14,7 @@
     │   ├── InvalidMessage        a message in a queue failed its schema (dead-lettered unprocessed)
     │   └── SmtpPermanentError    the SMTP server answered 5xx
     ├── Deferred                  not a failure: run this message later, without counting an attempt
+    ├── DeferredTooLong           deferred longer than WHISKYPAY_MAX_DEFERRAL_S: dead-lettered unattempted
     ├── DeliveryError             one webhook attempt failed; retried by the queue's policy
     │   └── HttpStatusError       the merchant answered something other than 2xx
     └── SmtpTemporaryError        an SMTP 4xx reply or a lost connection; retried
@@ -105,14 +106,19 @@ class SmtpPermanentError(PermanentError):
 
 
 class Deferred(WhiskyPayError, Retry):
-    """The message cannot run now (its merchant's host is saturated by slow deliveries); try again later.
+    """The message cannot run now (its merchant's server is saturated by slow deliveries); try again later.
 
-    QueueRetryPolicy re-enqueues it after `delay` milliseconds without counting an attempt.
+    QueueRetryPolicy re-enqueues it after `delay` milliseconds without counting an attempt, for at most
+    WHISKYPAY_MAX_DEFERRAL_S in a row; then it dead-letters it with `DeferredTooLong`.
     """
 
     def __init__(self, message: str, *, delay_ms: int, **tags: str | int | None) -> None:
         super().__init__(message, **tags)
         self.delay = delay_ms
+
+
+class DeferredTooLong(WhiskyPayError):
+    """A message was deferred, without an attempt, for longer than WHISKYPAY_MAX_DEFERRAL_S: dead-lettered."""
 
 
 class DeliveryError(WhiskyPayError, Retry):
