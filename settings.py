@@ -62,6 +62,25 @@ class WebhookSecret(SecretStr):
         return cls(value.get_secret_value())
 
 
+def parse_sentinels(value: object) -> object:
+    """Return ((host, port), ...) for "host:port,host:port" (port 26379 when omitted; IPv6 as [::1]:26379)."""
+    if not isinstance(value, str):
+        return value
+    found = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        match = re.fullmatch(r"\[(?P<v6>[^\]]+)\](?::(?P<port6>\d+))?|(?P<host>[^:\s\[\]]+)(?::(?P<port>\d+))?", item)
+        if match is None:
+            raise ValueError(f"{item!r} is not host:port; give a comma-separated list like sentinel-1:26379,sentinel-2:26379")
+        host = match.group("v6") or match.group("host")
+        port = int(match.group("port6") or match.group("port") or 26379)
+        if not 0 < port < 65536:
+            raise ValueError(f"{item!r}: the port must be between 1 and 65535")
+        found.append((host, port))
+    return tuple(found)
+
+
 def _schedule(value: object) -> object:
     return parse_schedule_ms(value) if isinstance(value, str) else value
 
@@ -150,6 +169,18 @@ class Settings(BaseSettings):
     #: Look for dead workers on each queue at least this often, in milliseconds. A SIGKILLed worker's
     #: messages are redelivered within heartbeat_timeout_ms + maintenance_interval_ms + about 1 s.
     maintenance_interval_ms: int = Field(default=10_000, ge=100)
+    #: Find the primary through these Redis Sentinels ("host:port,host:port"); WHISKYPAY_REDIS_URL then gives
+    #: only the primary's username, password, database and TLS (its host and port are not used).
+    redis_sentinels: Annotated[tuple[tuple[str, int], ...], NoDecode, BeforeValidator(parse_sentinels)] = ()
+    #: The name the Sentinels monitor the primary under (`sentinel monitor <name> ...`).
+    redis_sentinel_master: str | None = None
+    #: The Sentinels' own credentials (`requirepass` / ACL user of the sentinel processes), if they need any.
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: SecretStr | None = None
+    #: send() waits (WAIT, within redis_timeout_s) until this many replicas have the message; EnqueueError otherwise.
+    redis_min_replica_acks: int = Field(default=0, ge=0)
+    #: Let a worker start on a Redis that can lose jobs (no AOF and no RDB schedule, or an eviction policy).
+    redis_allow_volatile: bool = False
 
     # Webhooks.
     #: One or more space-separated whsec_ secrets, newest first; decoded once into `webhook_keys`.
@@ -207,6 +238,9 @@ class Settings(BaseSettings):
     health_max_wait_s: int = Field(default=300, gt=0)
     #: How long one minute's health-check lock is held, in seconds (makes a second scheduler's run a no-op).
     health_lock_s: int = Field(default=50, gt=0)
+    #: Where each worker process keeps its liveness file (read by `whiskypay health --worker`, /healthz, /readyz);
+    #: `$TMPDIR/whiskypay-workers` when unset.
+    worker_state_dir: str | None = None
 
     # Metrics.
     #: Serve Prometheus metrics from every `dramatiq actors` master (Dramatiq's plus whiskypay_deliveries_*).
@@ -273,6 +307,21 @@ class Settings(BaseSettings):
         check_redis_url(value.get_secret_value())
         return value
 
+    @model_validator(mode="after")
+    def _sentinels_name_their_master(self) -> Settings:
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            missing = "REDIS_SENTINEL_MASTER" if self.redis_sentinels else "REDIS_SENTINELS"
+            raise ValueError(
+                f"{ENV_PREFIX}REDIS_SENTINELS and {ENV_PREFIX}REDIS_SENTINEL_MASTER go together: set "
+                f"{ENV_PREFIX}{missing} too, or unset both to use {ENV_PREFIX}REDIS_URL alone"
+            )
+        if self.redis_sentinels and self.redis_url.get_secret_value().startswith("unix://"):
+            raise ValueError(
+                f"{ENV_PREFIX}REDIS_URL is a unix:// socket, which Sentinel cannot point at; give a redis:// or "
+                "rediss:// URL (only its credentials, database and scheme are used with Sentinel)"
+            )
+        return self
+
     @field_validator("smtp_ca_file")
     @classmethod
     def _ca_file_loads(cls, value: str | None) -> str | None:
@@ -327,7 +376,7 @@ def load_settings(**overrides: object) -> Settings:
         for error in exc.errors(include_input=False, include_url=False):
             field = "_".join(str(part) for part in error["loc"]) or "?"
             message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{ENV_PREFIX}{field.upper()}: {message}")
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {message}" if error["loc"] else message)
         raise ConfigurationError(
             "Invalid configuration:\n  " + "\n  ".join(problems) + "\nFix these environment variables (or .env)."
         ) from None

@@ -75,6 +75,9 @@ _TEST_DEFAULTS = {
     "WHISKYPAY_WEBHOOK_CONNECT_TIMEOUT_S": "2",
     "WHISKYPAY_WEBHOOK_READ_TIMEOUT_S": "2",
     "WHISKYPAY_SMTP_TIMEOUT_S": "5",
+    # The machine's Redis and the suite's private one keep nothing on disk; tests of the durability check itself
+    # (tests/test_redis_durability.py) start workers without this.
+    "WHISKYPAY_REDIS_ALLOW_VOLATILE": "true",
 }
 for _key, _value in _TEST_DEFAULTS.items():
     os.environ.setdefault(_key, _value)

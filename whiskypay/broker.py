@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from importlib.metadata import version
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
+from redis.connection import parse_url
+from redis.sentinel import Sentinel
 from dramatiq import Broker, Middleware
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
 from periodiq import PeriodiqMiddleware
 
 from middleware.dead_letters import DeadLetterReasons
+from middleware.durable_redis import DurableRedis
 from middleware.http_client import HttpClients
 from middleware.idempotency import IdempotentEnqueue
 from middleware.outcome_counters import OutcomeCounters
@@ -20,22 +23,51 @@ from middleware.sentry import SentryReporting
 from middleware.signing import WebhookSigning
 from middleware.smtp_client import SmtpClients
 from middleware.validation import PayloadValidation
+from middleware.worker_liveness import WorkerLiveness
 from settings import Settings, get_settings
 from whiskypay.queues import Queue
 from whiskypay.redaction import install_log_redaction, url_password
 from whiskypay.redis_broker import WhiskyPayRedisBroker
 from whiskypay.schemas import CallbackArgs, EmailArgs
 from whiskypay.smtp import SmtpRelay
+from whiskypay.worker_health import state_dir
 
 M = TypeVar("M", bound=Middleware)
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    """Return a Redis client for the broker URL with bounded connect and read timeouts."""
-    return redis.Redis.from_url(
-        settings.redis_url.get_secret_value(),
-        socket_connect_timeout=settings.redis_timeout_s,
-        socket_timeout=settings.redis_timeout_s,
+    """Return a Redis client on the primary, with bounded connect and read timeouts.
+
+    With WHISKYPAY_REDIS_SENTINELS it is a Sentinel-managed client: every new connection asks the Sentinels where
+    the primary is, and a connection that finds a demoted primary (READONLY) or a dead one is dropped, so the
+    process follows a failover without a restart. WHISKYPAY_REDIS_URL then gives only the primary's username,
+    password, database and TLS (rediss://).
+    """
+    timeouts: dict[str, Any] = {
+        "socket_connect_timeout": settings.redis_timeout_s,
+        "socket_timeout": settings.redis_timeout_s,
+    }
+    url = settings.redis_url.get_secret_value()
+    if not settings.redis_sentinels:
+        return redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True, **timeouts)
+    assert settings.redis_sentinel_master is not None  # the settings insist on both
+    parts = parse_url(url)
+    sentinel_password = settings.redis_sentinel_password
+    sentinel = Sentinel(
+        list(settings.redis_sentinels),
+        sentinel_kwargs={
+            **timeouts,
+            "username": settings.redis_sentinel_username,
+            "password": sentinel_password.get_secret_value() if sentinel_password else None,
+        },
+        **timeouts,
+    )
+    return sentinel.master_for(
+        settings.redis_sentinel_master,
+        username=parts.get("username"),
+        password=parts.get("password"),
+        db=parts.get("db", 0),
+        ssl=url.startswith("rediss://"),
         health_check_interval=30,
         socket_keepalive=True,
     )
@@ -54,11 +86,18 @@ def smtp_relay(settings: Settings) -> SmtpRelay:
     )
 
 
+def replica_ack_timeout_ms(settings: Settings) -> int:
+    """Return how long send() waits for replica acknowledgements: 80% of the Redis timeout, so the WAIT's answer
+    arrives before the socket gives up on it."""
+    return max(1, int(settings.redis_timeout_s * 1000 * 0.8))
+
+
 def secrets_of(settings: Settings) -> tuple[str, ...]:
     """Return every secret value of settings, for scrubbing."""
     url = settings.redis_url.get_secret_value()
     values = [url if "@" in url else "", url_password(url) or ""]
-    for secret in (settings.webhook_secret, settings.webhook_signing_key, settings.smtp_password, settings.sentry_dsn):
+    for secret in (settings.webhook_secret, settings.webhook_signing_key, settings.smtp_password, settings.sentry_dsn,
+                   settings.redis_sentinel_password):
         if secret is not None:
             values.append(secret.get_secret_value())
             values.extend(secret.get_secret_value().split())
@@ -79,6 +118,11 @@ def build_broker(settings: Settings) -> RedisBroker:
         # (without it, declaring check_queue_health fails with "actor options are undefined"), and in workers it
         # skips and acks scheduled messages older than 30 s (a backlog after downtime does not run N times).
         PeriodiqMiddleware(skip_delay=30),
+        # Worker boot only (never at `import actors`, which the gateway does): refuse a Redis that can lose jobs,
+        # and check again whenever the server changes (a Sentinel failover, a restart).
+        DurableRedis(allow_volatile=settings.redis_allow_volatile),
+        # The liveness file `whiskypay health --worker` and /healthz, /readyz read.
+        WorkerLiveness(state_dir=state_dir(settings.worker_state_dir)),
         OutcomeCounters(),  # early in the list, so its after-hooks run once every later one decided `failed`
         # Per-process clients: opened lazily per thread, closed after the worker threads joined.
         HttpClients(
@@ -134,6 +178,8 @@ def build_broker(settings: Settings) -> RedisBroker:
         heartbeat_timeout=settings.heartbeat_timeout_ms,
         maintenance_interval_ms=settings.maintenance_interval_ms,
         max_message_bytes=settings.max_message_bytes,
+        min_replica_acks=settings.redis_min_replica_acks,
+        replica_ack_timeout_ms=replica_ack_timeout_ms(settings),
         middleware=middleware,
     )
 

@@ -6,6 +6,7 @@
     ├── InvalidPayload            send() refused the arguments; nothing was enqueued (a Dramatiq MiddlewareError)
     ├── DuplicateEvent            send() found its event_id already enqueued (a Dramatiq MiddlewareError)
     ├── EnqueueError              send() could not reach Redis: the job was NOT accepted
+    │   └── NotReplicated         the primary took it but too few replicas confirmed: it MAY have been accepted
     ├── WebhookVerificationError  a received webhook's headers or signature do not check out (merchant side)
     ├── OpsError                  an operations command cannot use Redis or the configuration (exit status 2)
     ├── PermanentError            never retried: listed in the actors' `throws`
@@ -74,6 +75,14 @@ class DuplicateEvent(WhiskyPayError, MiddlewareError):
 
 class EnqueueError(WhiskyPayError):
     """The job was NOT accepted (Redis unreachable or failing); the gateway must retry or record it."""
+
+
+class NotReplicated(EnqueueError):
+    """The primary accepted the job but fewer replicas than WHISKYPAY_REDIS_MIN_REPLICA_ACKS confirmed it in time.
+
+    Unlike its parent, the job MAY have been accepted (it is in the primary's queue and may well be delivered).
+    Its event_id reservation is kept: send it again with the same event_id, which cannot enqueue it twice.
+    """
 
 
 class WebhookVerificationError(WhiskyPayError):

@@ -18,6 +18,12 @@ a dead worker's messages) as they are:
   restart drops the delayed retries the worker holds in memory (their acks stay with the live worker, so
   nothing would ever requeue them). And in a worker process an enqueue (a retry being scheduled, a delayed
   message coming due) waits for Redis instead of failing, because the message it carries is acked next.
+- Replica acknowledgements. With `min_replica_acks` N > 0 a producer's enqueue is followed by `WAIT N timeout`
+  on the same connection (WAIT counts that connection's writes), in one round trip; fewer acknowledgements
+  raise `NotReplicated` (an EnqueueError saying the job may still have been accepted), and the event_id
+  reservation stays, so the gateway's retry with the same event_id cannot enqueue it twice. Workers' own
+  enqueues (retries, delayed messages coming due) do not wait: their replication is ordered before the ack
+  that follows them, so a failover never keeps the ack without the retry.
 - Shutdown. A stopping consumer hands back the messages it fetched but had not handed out yet (stock
   Dramatiq leaves them to maintenance, a heartbeat timeout later).
 - Poison messages. Stock Dramatiq cannot decode random bytes or wrong-shape JSON; its consumer restarts
@@ -40,9 +46,10 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer, _scripts
 from dramatiq.common import compute_backoff, current_millis, q_name
 from dramatiq.errors import DecodeError
 from dramatiq.logging import get_logger
+from redis.commands.core import Script
 
 from whiskypay import keys
-from whiskypay.errors import InvalidPayload
+from whiskypay.errors import InvalidPayload, NotReplicated
 from whiskypay.outcomes import failure_options
 from whiskypay.redaction import masked_sample
 
@@ -148,15 +155,20 @@ class WhiskyPayRedisBroker(RedisBroker):
     Parameters:
       maintenance_interval_ms: Run maintenance for each queue at least this often, in milliseconds.
       max_message_bytes: The largest encoded message a producer may enqueue (`InvalidPayload` otherwise).
+      min_replica_acks: A producer's enqueue waits until this many replicas have it (`NotReplicated` otherwise).
+      replica_ack_timeout_ms: The longest that wait lasts, in milliseconds (keep it under the socket timeout).
       **kwargs: RedisBroker's (client, namespace, heartbeat_timeout, dead_message_ttl, middleware...).
     """
 
     def __init__(
-        self, *, maintenance_interval_ms: int = 10_000, max_message_bytes: int | None = None, **kwargs: Any
+        self, *, maintenance_interval_ms: int = 10_000, max_message_bytes: int | None = None,
+        min_replica_acks: int = 0, replica_ack_timeout_ms: int = 1_000, **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self.maintenance_interval_ms = maintenance_interval_ms
         self.max_message_bytes = max_message_bytes
+        self.min_replica_acks = min_replica_acks
+        self.replica_ack_timeout_ms = replica_ack_timeout_ms
         self.enqueue_waits_for_redis = False
         self._last_maintenance: dict[str, int] = {}
         self.waker = QueueWaker(self.client, self.namespace)
@@ -236,7 +248,36 @@ class WhiskyPayRedisBroker(RedisBroker):
                 time.sleep(min(0.05 * 2**tries, 1.0))
 
     def _enqueue_once(self, queue_name: str, message_id: str, data: bytes) -> None:
-        self.scripts["dispatch"](args=self._args("enqueue", queue_name, message_id, data), keys=[self.namespace])
+        args = self._args("enqueue", queue_name, message_id, data)
+        self.call_enqueue_script(self.scripts["dispatch"], keys=[self.namespace], args=args, queue_name=queue_name)
+
+    def call_enqueue_script(self, script: Script, *, keys: list[Any], args: list[Any], queue_name: str) -> Any:
+        """Run the enqueue script; for a producer with min_replica_acks, then WAIT on the same connection.
+
+        Both go in one pipeline (one connection, one round trip): WAIT counts the writes of the connection it runs
+        on. Raises NotReplicated when fewer replicas than min_replica_acks confirmed within replica_ack_timeout_ms.
+        """
+        if not self.min_replica_acks or self.enqueue_waits_for_redis:
+            return script(keys=keys, args=args)
+        for attempt in (1, 2):
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", self.min_replica_acks, self.replica_ack_timeout_ms)
+                try:
+                    reply, acks = pipe.execute()
+                    break
+                except redis.exceptions.NoScriptError:
+                    if attempt == 2:
+                        raise
+                    self.client.script_load(script.script)  # a restarted or new primary: load it, then once more
+        if int(acks) < self.min_replica_acks:
+            raise NotReplicated(
+                f"{q_name(queue_name)}: the job may still have been accepted: the primary took it, but only "
+                f"{int(acks)} of {self.min_replica_acks} replica(s) (WHISKYPAY_REDIS_MIN_REPLICA_ACKS) confirmed it "
+                f"within {self.replica_ack_timeout_ms} ms. Send it again with the same event_id (its reservation "
+                "is kept, so that cannot enqueue it twice); without an event_id a second send may deliver it twice."
+            )
+        return reply
 
     def dead_letter_undecodable(self, queue_name: str, data: bytes, reason: str) -> bool:
         """Replace an undecodable message held by this broker's consumer with a placeholder and dead-letter it.

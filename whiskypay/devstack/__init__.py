@@ -6,6 +6,7 @@ benchmarks; never by the workers. It needs the ``dev`` extra (aiosmtpd, redislit
 
     common.py        free_port, wait_until_ready (what every server here shares)
     redis_server.py  RedisServer, ensure_redis, find_redis_server, redis_answers
+    sentinel.py      SentinelServer (redis-server --sentinel watching a RedisServer)
     receiver.py      HttpReceiver, Received, Response
     smtp_sink.py     SmtpSink, Mail
     worker.py        WorkerProcess
@@ -15,6 +16,7 @@ benchmarks; never by the workers. It needs the ``dev`` extra (aiosmtpd, redislit
 from whiskypay.devstack.common import free_port
 from whiskypay.devstack.receiver import HttpReceiver, Received, Response
 from whiskypay.devstack.redis_server import RedisServer, ensure_redis, find_redis_server, redis_answers
+from whiskypay.devstack.sentinel import SentinelServer
 from whiskypay.devstack.smtp_sink import Mail, SmtpSink
 from whiskypay.devstack.stack import Stack, local_stack
 from whiskypay.devstack.worker import WorkerProcess
@@ -25,6 +27,7 @@ __all__ = [
     "Received",
     "RedisServer",
     "Response",
+    "SentinelServer",
     "SmtpSink",
     "Stack",
     "WorkerProcess",

@@ -77,6 +77,8 @@ class RedisServer:
         appendonly: enable the AOF with ``appendfsync always`` so data survives kill -9.
         workdir: data/log directory; a temp dir (removed on ``stop()``) when None.
         password: set ``requirepass``.
+        replica_of: the port of a primary on 127.0.0.1 to replicate (``--replicaof``).
+        args: more ``redis-server`` arguments (e.g. ``"--maxmemory-policy", "allkeys-lru"``).
     """
 
     def __init__(
@@ -86,10 +88,14 @@ class RedisServer:
         appendonly: bool = False,
         workdir: str | None = None,
         password: str | None = None,
+        replica_of: int | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.port: int = port if port is not None else free_port()
         self.appendonly = appendonly
         self.password = password
+        self.replica_of = replica_of
+        self.args = args
         self._own_workdir = workdir is None
         self.workdir: str = workdir if workdir is not None else tempfile.mkdtemp(prefix="whiskypay-redis-")
         self.log_path: str = os.path.join(self.workdir, "redis-server.log")
@@ -125,7 +131,9 @@ class RedisServer:
             cmd += ["--appendfsync", "always"]
         if self.password:
             cmd += ["--requirepass", self.password]
-        return cmd
+        if self.replica_of is not None:
+            cmd += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        return cmd + list(self.args)
 
     def start(self, timeout_s: float = 10.0) -> Self:
         """Spawn redis-server and wait until it answers PING.
@@ -249,15 +257,16 @@ class RedisServer:
         return f"RedisServer(port={self.port}, appendonly={self.appendonly}, running={self.running()})"
 
 
-def ensure_redis(url: str | None) -> tuple[str, RedisServer | None]:
+def ensure_redis(url: str | None, *, appendonly: bool = False) -> tuple[str, RedisServer | None]:
     """Return a Redis URL that answers: ``url`` itself if it does, else a freshly started private server.
 
     The caller owns the returned server (second item) and must ``stop()`` it.
 
     Parameters:
         url: preferred Redis URL, or None.
+        appendonly: start the private server with AOF (so workers' durability check passes on it).
     """
     if url and redis_answers(url):
         return url, None
-    server = RedisServer().start()
+    server = RedisServer(appendonly=appendonly).start()
     return server.url, server

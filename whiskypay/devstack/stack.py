@@ -8,10 +8,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
+
 from whiskypay.devstack.receiver import HttpReceiver
 from whiskypay.devstack.redis_server import RedisServer, ensure_redis
 from whiskypay.devstack.smtp_sink import SmtpSink
 from whiskypay.devstack.worker import WorkerProcess
+from whiskypay.redaction import redact_url
+from whiskypay.redis_durability import durability
 
 #: The project root: where `dramatiq actors` must run so it finds the actors package.
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -29,6 +33,17 @@ class Stack:
     redis: RedisServer | None
 
 
+def _durable(url: str) -> bool:
+    """Return True if the Redis at url passes the workers' durability check (warnings allowed)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        return not any(finding.level == "failed" for finding in durability(client))
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
 @contextlib.contextmanager
 def local_stack(
     *, redis_url: str | None, private_redis: bool, state_dir: Path, webhook_secret: str, threads: int = 4
@@ -42,7 +57,8 @@ def local_stack(
       threads: Worker threads of the one worker process.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
-    url, server = ensure_redis(None if private_redis else redis_url)
+    # A private Redis gets AOF, so the workers' durability check passes on it as it would in production.
+    url, server = ensure_redis(None if private_redis else redis_url, appendonly=True)
     sink = SmtpSink(maildir=str(state_dir / "mail"))
     receiver = HttpReceiver()
     workers: WorkerProcess | None = None
@@ -62,6 +78,12 @@ def local_stack(
             "WHISKYPAY_ENVIRONMENT": os.environ.get("WHISKYPAY_ENVIRONMENT", "development"),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
+        if server is None and not _durable(url):
+            # A reused development Redis that keeps nothing on disk (the usual local install): the dev workers may
+            # use it; production workers refuse it (WHISKYPAY_REDIS_ALLOW_VOLATILE stays false there).
+            print(f"note: the Redis at {redact_url(url)} can lose jobs (no AOF, no RDB schedule, or an eviction "
+                  "policy); the dev workers run with WHISKYPAY_REDIS_ALLOW_VOLATILE=true.")
+            env["WHISKYPAY_REDIS_ALLOW_VOLATILE"] = "true"
         workers = WorkerProcess(env=env, cwd=str(ROOT), threads=threads, log_path=str(state_dir / "workers.log"))
         workers.start()
         yield Stack(redis_url=url, env=env, sink=sink, receiver=receiver, workers=workers, redis=server)
