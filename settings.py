@@ -72,7 +72,9 @@ def parse_sentinels(value: object) -> object:
             continue
         match = re.fullmatch(r"\[(?P<v6>[^\]]+)\](?::(?P<port6>\d+))?|(?P<host>[^:\s\[\]]+)(?::(?P<port>\d+))?", item)
         if match is None:
-            raise ValueError(f"{item!r} is not host:port; give a comma-separated list like sentinel-1:26379,sentinel-2:26379")
+            raise ValueError(
+                f"{item!r} is not host:port; give a comma-separated list like sentinel-1:26379,sentinel-2:26379"
+            )
         host = match.group("v6") or match.group("host")
         port = int(match.group("port6") or match.group("port") or 26379)
         if not 0 < port < 65536:

@@ -10,7 +10,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.logging import get_logger
 
 from whiskypay.errors import WorkerStartRefused
-from whiskypay.redis_durability import durability, refusal_text, server_run_id
+from whiskypay.redis_durability import durability, problems_text, refusal_text, server_run_id
 
 #: How often a worker asks which Redis server it talks to (INFO server's run_id), in seconds: a new run_id (a
 #: Sentinel failover, a restart) runs the check again.
@@ -51,14 +51,13 @@ class DurableRedis(Middleware):
         if not any(finding.level == "failed" for finding in findings):
             self.logger.info("Redis durability checked (server %s): ok.", (run_id or "?")[:8])
             return
-        text = refusal_text(findings)
         if self.allow_volatile:
-            self.logger.warning("%s (Starting anyway: WHISKYPAY_REDIS_ALLOW_VOLATILE=true.)", text)
+            self.logger.warning("%s Running anyway: WHISKYPAY_REDIS_ALLOW_VOLATILE=true.", problems_text(findings))
         elif booting:
-            raise WorkerStartRefused(text)
+            raise WorkerStartRefused(refusal_text(findings))
         else:
-            self.logger.error("The Redis primary changed (server %s). %s", (run_id or "?")[:8],
-                              text.replace("The worker will not start on it.", "This worker keeps running."))
+            self.logger.error("The Redis server changed (now %s). %s This worker keeps running (stopping it would "
+                              "not save the jobs): fix the Redis now.", (run_id or "?")[:8], problems_text(findings))
 
     def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
         if not isinstance(broker, RedisBroker):

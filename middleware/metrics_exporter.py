@@ -6,13 +6,20 @@ subclass swaps that fork for the one it is given (`whiskypay.broker.serve_metric
 the settings in the fork itself and calls `serve_metrics_on`).
 Every worker process writes its samples into Dramatiq's multiprocess directory (env `dramatiq_prom_db`,
 default `$TMPDIR/dramatiq-prometheus`); the fork sums the files of all of them per scrape.
+
+The same port answers two probes: `/healthz` (liveness: this master's worker processes heartbeat and are not all
+stuck) and `/readyz` (readiness: that, Redis answers, and consumers run): 200 with one line, or 503 with the
+reason. And each scrape reads the queues' gauges from Redis (`QueueGauges`): the age of the oldest waiting
+message and the dead-letter depth per queue, and whether Redis answered.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from dramatiq.logging import get_logger
 from dramatiq.middleware import prometheus
@@ -40,18 +47,84 @@ class MetricsExporter(prometheus.Prometheus):
         return [self.fork]
 
 
+#: A probe: (healthy, one line saying why).
+Probe = Callable[[], tuple[bool, str]]
+
+
+@dataclass(frozen=True)
+class QueueGauge:
+    """One queue's gauges at a scrape: the oldest waiting message's age (None: none waits), the dead letters."""
+
+    queue: str
+    oldest_wait_s: float | None
+    dead_letters: int
+
+
+class QueueGauges:
+    """A Prometheus collector that reads the queues' gauges from Redis at each scrape.
+
+    whiskypay_queue_oldest_waiting_seconds{queue} (0 when nothing waits), whiskypay_dead_letters{queue}, and
+    whiskypay_redis_up (0 when the read failed: the gauges are then left out rather than reported as zero).
+
+    Parameters:
+      read: Returns every queue's QueueGauge; raises when Redis cannot be read.
+    """
+
+    def __init__(self, read: Callable[[], list[QueueGauge]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily("whiskypay_redis_up", "1 if the last scrape could read the queues from Redis.")
+        try:
+            gauges = self.read()
+        except Exception as exc:  # a scrape must answer: report Redis as down instead of failing the page
+            get_logger(__name__, type(self)).debug("Cannot read the queue gauges (%s).", type(exc).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        oldest = GaugeMetricFamily("whiskypay_queue_oldest_waiting_seconds",
+                                   "How long the next waiting message of the queue has been ready, in seconds.",
+                                   labels=["queue"])
+        dead = GaugeMetricFamily("whiskypay_dead_letters", "Dead-lettered messages kept, per queue.", labels=["queue"])
+        for gauge in gauges:
+            oldest.add_metric([gauge.queue], gauge.oldest_wait_s or 0.0)
+            dead.add_metric([gauge.queue], gauge.dead_letters)
+        yield oldest
+        yield dead
+
+
 class _MetricsHandler(BaseHTTPRequestHandler):
-    """Answer every GET with the sum of all worker processes' samples."""
+    """GET /metrics (and any other path): every worker process's samples summed, plus the queue gauges;
+    GET /healthz and /readyz: the probes."""
+
+    gauges: QueueGauges | None = None
+    liveness: Probe | None = None
+    readiness: Probe | None = None
 
     def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path in ("/healthz", "/readyz"):
+            probe = self.liveness if path == "/healthz" else self.readiness
+            ok, line = probe() if probe is not None else (True, "no probe configured")
+            self._answer(200 if ok else 503, f"{'ok' if ok else 'unhealthy'}: {line}\n".encode(),
+                         "text/plain; charset=utf-8")
+            return
         import prometheus_client
         from prometheus_client import multiprocess
 
         registry = prometheus_client.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        body = prometheus_client.generate_latest(registry)
-        self.send_response(200)
-        self.send_header("Content-Type", prometheus_client.CONTENT_TYPE_LATEST)
+        if self.gauges is not None:
+            registry.register(self.gauges)
+        self._answer(200, prometheus_client.generate_latest(registry), prometheus_client.CONTENT_TYPE_LATEST)
+
+    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -60,15 +133,26 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         get_logger(__name__, type(self)).debug(format, *args)
 
 
-def serve_metrics_on(port: int) -> int:
-    """Serve /metrics on port until the `dramatiq` master stops this fork; return 0 (1 if port is taken).
+def serve_metrics_on(
+    port: int, *, gauges: QueueGauges | None = None, liveness: Probe | None = None, readiness: Probe | None = None,
+) -> int:
+    """Serve /metrics, /healthz and /readyz on port until the `dramatiq` master stops this fork; return 0 (1 if
+    port is taken).
 
     It binds `dramatiq_prom_host` (Dramatiq's variable, default 0.0.0.0, as a container's scrape target needs).
+
+    Parameters:
+      gauges: The queue gauges read at each scrape (none when None).
+      liveness, readiness: The /healthz and /readyz probes (always healthy when None).
     """
     use_multiprocess_dir()
     logger = get_logger(__name__, "serve_metrics")
+    handler = type("MetricsHandler", (_MetricsHandler,), {
+        "gauges": gauges, "liveness": staticmethod(liveness) if liveness else None,
+        "readiness": staticmethod(readiness) if readiness else None,
+    })
     try:
-        httpd = ThreadingHTTPServer((prometheus.HTTP_HOST, port), _MetricsHandler)
+        httpd = ThreadingHTTPServer((prometheus.HTTP_HOST, port), handler)
     except OSError as exc:
         logger.error(
             "Cannot serve metrics on %s:%d (%s). Set WHISKYPAY_METRICS_PORT to a free port, or "

@@ -57,6 +57,9 @@ class WorkerLiveness(Middleware):
         self._thread = threading.Thread(target=self._run, name="whiskypay-liveness", daemon=True)
         self._thread.start()
 
+    def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        self.beat()  # the consumers run now: readiness need not wait for the next beat
+
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
         self._stop.set()
         if self._thread is not None:

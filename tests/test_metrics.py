@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +49,7 @@ def test_a_worker_serves_delivery_counts_and_times_after_deliveries(
         "dramatiq_prom_db": str(tmp_path / "prometheus"),
         "dramatiq_prom_host": "127.0.0.1",
         "dramatiq_worker_timeout": "100",
+        "WHISKYPAY_WORKER_STATE_DIR": str(tmp_path / "workers"),
     }
     receiver.respond("/ok", Response(200))
     receiver.respond("/flaky", Response(500), Response(200))
@@ -67,6 +70,46 @@ def test_a_worker_serves_delivery_counts_and_times_after_deliveries(
     # And Dramatiq's own metrics are there too
     assert samples[("dramatiq_messages_total", (("actor_name", "send_callback"), ("queue_name", "callbackQueue")))] == 5
     assert f"Serving Prometheus metrics on 127.0.0.1:{port}" in worker.log()
+    # And the queue gauges and the send-to-delivery latency of the 2 delivered callbacks are there
+    assert samples[("whiskypay_redis_up", ())] == 1
+    assert samples[("whiskypay_dead_letters", (("queue", "callbackQueue"),))] == 1
+    assert samples[("whiskypay_queue_oldest_waiting_seconds", (("queue", "callbackQueue"),))] == 0
+    assert samples[("whiskypay_send_to_delivery_seconds_count", (("queue", "callbackQueue"),))] == 2
+    assert 0 < samples[("whiskypay_send_to_delivery_seconds_sum", (("queue", "callbackQueue"),))] < 30
+    # And the probes on the same port, and `whiskypay health --worker` on this host, say the worker is healthy
+    assert probe(port, "/healthz")[0] == 200
+    status, line = probe(port, "/readyz")
+    assert status == 200 and "1 worker process(es) heartbeating" in line, line
+    code, out = health_cli(env, "--worker")
+    assert code == 0 and out.startswith("healthy: Redis at ") and "1 worker process(es) heartbeating" in out, out
+    # When the worker stops, then `whiskypay health --worker` fails with one line saying why
+    worker.stop()
+    code, out = health_cli(env, "--worker")
+    assert code == 1 and out.startswith("unhealthy: no worker process runs on this host"), out
+
+
+def probe(port: int, path: str) -> tuple[int, str]:
+    """Return the status and body of GET path on the metrics port."""
+    answer = requests.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+    return answer.status_code, answer.text.strip()
+
+
+def health_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    """Run `whiskypay health ARGS` in a process of its own with env; return its status and output line."""
+    done = subprocess.run([sys.executable, "-m", "whiskypay.cli", "health", *args], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    return done.returncode, done.stdout.strip()
+
+
+def test_health_fails_with_one_line_when_redis_does_not_answer(worker_env):
+    # Given settings pointing at a port where no Redis listens
+    env = {**worker_env, "WHISKYPAY_REDIS_URL": f"redis://:hunter2@127.0.0.1:{free_port()}/0",
+           "WHISKYPAY_REDIS_TIMEOUT_S": "1"}
+    # When `whiskypay health` runs, then it exits 1 naming the Redis (password hidden) and what to check
+    code, out = health_cli(env)
+    assert code == 1, out
+    assert out.startswith("unhealthy: Redis at redis://:***@127.0.0.1:") and "does not answer" in out
+    assert "hunter2" not in out
 
 
 def test_metrics_are_off_by_default(redis_client, start_workers, worker_env):

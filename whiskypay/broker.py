@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import time
 from importlib.metadata import version
 from typing import Any, TypeVar
 
 import redis
-from redis.connection import parse_url
-from redis.sentinel import Sentinel
 from dramatiq import Broker, Middleware
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
 from periodiq import PeriodiqMiddleware
+from redis.connection import parse_url
+from redis.sentinel import Sentinel
 
 from middleware.dead_letters import DeadLetterReasons
 from middleware.durable_redis import DurableRedis
@@ -30,7 +32,7 @@ from whiskypay.redaction import install_log_redaction, url_password
 from whiskypay.redis_broker import WhiskyPayRedisBroker
 from whiskypay.schemas import CallbackArgs, EmailArgs
 from whiskypay.smtp import SmtpRelay
-from whiskypay.worker_health import state_dir
+from whiskypay.worker_health import assess_workers, read_beats, state_dir
 
 M = TypeVar("M", bound=Middleware)
 
@@ -62,7 +64,7 @@ def redis_client(settings: Settings) -> redis.Redis:
         },
         **timeouts,
     )
-    return sentinel.master_for(
+    client: redis.Redis = sentinel.master_for(
         settings.redis_sentinel_master,
         username=parts.get("username"),
         password=parts.get("password"),
@@ -71,6 +73,7 @@ def redis_client(settings: Settings) -> redis.Redis:
         health_check_interval=30,
         socket_keepalive=True,
     )
+    return client
 
 
 def smtp_relay(settings: Settings) -> SmtpRelay:
@@ -185,13 +188,42 @@ def build_broker(settings: Settings) -> RedisBroker:
 
 
 def serve_metrics() -> int:
-    """Serve /metrics on WHISKYPAY_METRICS_PORT: the fork MetricsExporter starts from every `dramatiq` master.
+    """Serve /metrics, /healthz and /readyz on WHISKYPAY_METRICS_PORT: the fork MetricsExporter starts from every
+    `dramatiq` master.
 
-    The master imports a fork by name and calls it without arguments, so it reads the port from the settings.
+    The master imports a fork by name and calls it without arguments, so it reads the settings itself. The probes
+    look at this master's worker processes only (the fork is their sibling: same parent).
     """
-    from middleware.metrics_exporter import serve_metrics_on
+    from middleware.metrics_exporter import QueueGauge, QueueGauges, serve_metrics_on
+    from whiskypay.queue_stats import queue_counts
 
-    return serve_metrics_on(get_settings().metrics_port)
+    settings = get_settings()
+    client = redis_client(settings)
+    directory = state_dir(settings.worker_state_dir)
+    timeout_s = settings.heartbeat_timeout_ms / 1000
+
+    def read_gauges() -> list[QueueGauge]:
+        gauges = []
+        for queue in (Queue.CALLBACKS, Queue.EMAIL):
+            counts = queue_counts(client, settings.namespace, queue)
+            wait_s = counts.oldest_wait_ms / 1000 if counts.oldest_wait_ms is not None else None
+            gauges.append(QueueGauge(queue=str(queue), oldest_wait_s=wait_s, dead_letters=counts.dead_letters))
+        return gauges
+
+    def liveness() -> tuple[bool, str]:
+        return assess_workers(read_beats(directory), now=time.time(), heartbeat_timeout_s=timeout_s,
+                              master_pid=os.getppid())
+
+    def readiness() -> tuple[bool, str]:
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            return False, f"Redis does not answer ({type(exc).__name__})"
+        return assess_workers(read_beats(directory), now=time.time(), heartbeat_timeout_s=timeout_s,
+                              master_pid=os.getppid(), need_consumers=True)
+
+    return serve_metrics_on(settings.metrics_port, gauges=QueueGauges(read_gauges), liveness=liveness,
+                            readiness=readiness)
 
 
 def middleware_of(broker: Broker, kind: type[M]) -> M:

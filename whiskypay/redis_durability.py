@@ -106,13 +106,17 @@ def durability(client: redis.Redis) -> list[Finding]:
     return [eviction_policy(client), persistence(client)]
 
 
+def problems_text(findings: list[Finding]) -> str:
+    """Return "This Redis can lose jobs: <what>. Fix: <how>; ..." for findings' failures."""
+    failed = [finding for finding in findings if finding.level == "failed"]
+    return "This Redis can lose jobs: " + "; ".join(f"{finding.detail}. Fix: {finding.fix}" for finding in failed) + "."
+
+
 def refusal_text(findings: list[Finding]) -> str:
     """Return the fix-it message of a worker refusing to start on findings' failures."""
-    failed = [finding for finding in findings if finding.level == "failed"]
-    lines = "; ".join(f"{finding.detail}. Fix: {finding.fix}" for finding in failed)
     return (
-        f"This Redis can lose jobs: {lines}. The worker will not start on it. Set "
-        "WHISKYPAY_REDIS_ALLOW_VOLATILE=true only for a Redis whose data you can afford to lose (tests, a demo)."
+        f"{problems_text(findings)} The worker will not start on it. Set WHISKYPAY_REDIS_ALLOW_VOLATILE=true only "
+        "for a Redis whose data you can afford to lose (tests, a demo)."
     )
 
 

@@ -8,6 +8,7 @@ through the sentinels only: WHISKYPAY_REDIS_URL points at a port where nothing l
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -147,7 +148,7 @@ def test_a_sentinel_failover_loses_no_acknowledged_send(
     duplicated = sum(count - 1 for count in counts.values())
     lost = sorted(set(acked) - delivered)
     times = sorted(request.at for request in requests)
-    gap_s = max(later - earlier for earlier, later in zip(times, times[1:], strict=False))
+    gap_s = max(later - earlier for earlier, later in itertools.pairwise(times))
     report(f"failover: replica promoted {promoted_s:.1f} s after the SIGKILL; longest time without deliveries "
            f"{gap_s:.1f} s")
     report(f"failover: {len(acked)} acknowledged sends, {len(delivered)} delivered, {duplicated} duplicated "
