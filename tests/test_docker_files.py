@@ -22,6 +22,7 @@ from settings import ConfigurationError, load_settings, variable_names
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCKER_DIR = REPO_ROOT / "docker"
 COMPOSE_FILE = DOCKER_DIR / "compose.yaml"
+SENTINEL_FILE = DOCKER_DIR / "compose.sentinel.yaml"
 DOCKERFILE = DOCKER_DIR / "Dockerfile"
 DOCKERIGNORE = DOCKER_DIR / "Dockerfile.dockerignore"
 CONSTRAINTS = DOCKER_DIR / "constraints.txt"
@@ -153,6 +154,33 @@ def test_no_secret_values_in_compose_or_dockerfile(compose: dict[str, Any]) -> N
         assert not [key for key in names if key.startswith("WHISKYPAY_")], f"{name}: settings go in docker/.env"
 
 
+def test_every_service_has_a_healthcheck_and_workers_use_whiskypay_health(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    for name in WORKERS:
+        assert compose["services"][name]["healthcheck"]["test"] == ["CMD", "whiskypay", "health", "--worker"]
+    assert compose["services"]["scheduler"]["healthcheck"]["test"] == ["CMD", "whiskypay", "health"]
+
+
+def test_the_sentinel_override_adds_a_replica_and_three_sentinels_with_quorum_2() -> None:
+    override: dict[str, Any] = yaml.safe_load(SENTINEL_FILE.read_text())
+    services = override["services"]
+    assert {"redis", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"} == set(services)
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis", "6379"]
+    assert replica[replica.index("--appendonly") + 1] == "yes", "a promoted replica must pass the durability check"
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        script = " ".join(services[name]["command"])
+        assert "sentinel monitor whiskypay redis 6379 2" in script and "--sentinel" in script
+        assert services[name]["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
+    # The settings it documents are real ones, and it sets none itself (they belong in docker/.env)
+    documented = set(re.findall(r"WHISKYPAY_[A-Z0-9_]+", SENTINEL_FILE.read_text()))
+    assert documented and documented <= variable_names(), documented - variable_names()
+    assert not SECRET_ASSIGNMENT.search(SENTINEL_FILE.read_text())
+    for service in services.values():
+        assert "environment" not in service
+
+
 # --- Dockerfile --------------------------------------------------------------------------------------------
 
 
@@ -264,7 +292,8 @@ def test_docker_compose_v1_accepts_the_file(tmp_path: Path) -> None:
     shutil.copy(ENV_EXAMPLE, tmp_path / "docker" / ".env")
     env = {key: value for key, value in os.environ.items() if not key.startswith("COMPOSE_")}
     result = subprocess.run(
-        ["docker-compose", "-f", str(tmp_path / "docker" / "compose.yaml"), "config", "-q"],
+        ["docker-compose", "-f", str(tmp_path / "docker" / "compose.yaml"),
+         "-f", str(tmp_path / "docker" / "compose.sentinel.yaml"), "config", "-q"],
         check=False,
         capture_output=True,
         text=True,

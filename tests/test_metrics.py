@@ -12,6 +12,8 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import dead_letters, wait_until
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 from whiskypay.devstack import HttpReceiver, Response, free_port
 
 pytestmark = pytest.mark.e2e
@@ -122,3 +124,19 @@ def test_metrics_are_off_by_default(redis_client, start_workers, worker_env):
     time.sleep(1.0)  # the exposition fork would start right after the workers are ready
     assert scrape(port) == {}
     assert "Serving Prometheus metrics" not in worker.log()
+
+
+def test_the_example_alert_rules_use_metrics_we_export():
+    import re
+
+    import yaml
+
+    from middleware import delivery_metrics, metrics_exporter
+
+    rules = [rule for group in yaml.safe_load((REPO_ROOT / "docs" / "alerts.yml").read_text())["groups"]
+             for rule in group["rules"]]
+    assert len(rules) >= 2 and all(rule["alert"] and rule["expr"] and rule["for"] for rule in rules)
+    source = Path(delivery_metrics.__file__).read_text() + Path(metrics_exporter.__file__).read_text()
+    for rule in rules:
+        for metric in re.findall(r"whiskypay_[a-z_]+", rule["expr"]):
+            assert metric.removesuffix("_bucket") in source, f"{rule['alert']}: {metric} is not exported"
