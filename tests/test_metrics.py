@@ -12,9 +12,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import dead_letters, wait_until
+from whiskypay.devstack import HttpReceiver, Response, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-from whiskypay.devstack import HttpReceiver, Response, free_port
 
 pytestmark = pytest.mark.e2e
 

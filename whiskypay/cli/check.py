@@ -118,15 +118,13 @@ def sentinel_checks(settings: Settings) -> Iterator[Check]:
 
 def smtp_check(settings: Settings) -> Check:
     """Connect to the relay, EHLO, STARTTLS or TLS as configured, AUTH when credentials are set, QUIT."""
+    from whiskypay.broker import smtp_relay
     from whiskypay.errors import WhiskyPayError
     from whiskypay.smtp import open_smtp
 
-    password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
     where = f"{settings.smtp_host}:{settings.smtp_port} (tls {settings.smtp_tls})"
     try:
-        conn = open_smtp(host=settings.smtp_host, port=settings.smtp_port, tls=settings.smtp_tls,
-                         username=settings.smtp_username, password=password, timeout_s=settings.smtp_timeout_s,
-                         ca_file=settings.smtp_ca_file)
+        conn = open_smtp(smtp_relay(settings))
     except WhiskyPayError as exc:
         return Check("smtp relay", "failed", f"{where}: {exc}",
                      "check WHISKYPAY_SMTP_HOST/_PORT/_TLS (and _USERNAME/_PASSWORD), and that the relay accepts us")
@@ -151,9 +149,12 @@ def signing_checks(settings: Settings) -> Iterator[Check]:
     else:
         sizes = ", ".join(f"{len(key) * 8} bits" for key in keys)
         yield Check("webhook signing keys", "ok", f"{len(keys)} key(s), {sizes}")
-    public_key = getattr(settings, "webhook_public_key", None)  # ed25519 (another issue's setting), if present
-    if public_key is not None:
-        yield Check("webhook ed25519 key", "ok", "configured")
+    if settings.webhook_signing_key is not None:
+        from whiskypay.ed25519 import encode_public_key, parse_secret_key
+
+        # Parsed when the settings were read; its public key is no secret (merchants verify v1a with it).
+        public = encode_public_key(parse_secret_key(settings.webhook_signing_key.get_secret_value()))
+        yield Check("webhook ed25519 key", "ok", f"signatures {settings.signature_kinds()}; public key {public}")
 
 
 def sentry_check(settings: Settings) -> Check:
