@@ -209,6 +209,9 @@ class Stack:
             PYTHONPATH=str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
             PYTHONUNBUFFERED="1",
             WHISKYPAY_REDIS_URL=self.redis["ours"].url,
+            # Both sides run on Redis without persistence (AOF would measure the disk); ours' workers refuse such a
+            # Redis unless told (issue 15's durability check).
+            WHISKYPAY_REDIS_ALLOW_VOLATILE="true",
             WHISKYPAY_ALLOW_PRIVATE_CALLBACKS="true",
             WHISKYPAY_CALLBACK_HTTPS_ONLY="false",
             WHISKYPAY_WEBHOOK_SECRET=secret,
