@@ -51,9 +51,11 @@ def test_without_a_replica_send_says_the_job_may_have_been_accepted_and_keeps_th
     assert isinstance(raised.value, EnqueueError)
     assert "may still have been accepted" in str(raised.value)
     assert "0 of 1 replica(s)" in str(raised.value) and "WHISKYPAY_REDIS_MIN_REPLICA_ACKS" in str(raised.value)
-    # And the job is in the primary's queue, its reservation kept: the gateway's retry enqueues nothing more
+    # And the job is in the primary's queue, its reservation kept: the gateway's retry enqueues nothing more, and
+    # does not report success either while no replica has the first one
     assert broker.client.llen("t:q") == 1
-    actor.send(plan="pro", event_id="pay_1")
+    with pytest.raises(NotReplicated):
+        actor.send(plan="pro", event_id="pay_1")
     assert broker.client.llen("t:q") == 1
     broker.close()
 
@@ -67,8 +69,12 @@ def test_with_a_replica_send_returns_once_it_has_the_message(primary: RedisServe
         while replica_client.info("replication").get("master_link_status") != "up":
             pass
         # When a job is sent, then it returns, and the replica already has the message
-        message = actor_on(broker).send(plan="pro")
+        actor = actor_on(broker)
+        message = actor.send(plan="pro", event_id="pay_2")
         assert replica_client.hget("t:q.msgs", message.options["redis_message_id"]) is not None
+        # And a retry of the same event returns too, without a second message
+        actor.send(plan="pro", event_id="pay_2")
+        assert broker.client.llen("t:q") == 1
         broker.close()
         replica_client.close()
     finally:

@@ -10,6 +10,7 @@ from dramatiq import Actor, Message
 
 from middleware.idempotency import IdempotentEnqueue
 from whiskypay.errors import DuplicateEvent, EnqueueError, InvalidPayload
+from whiskypay.redis_broker import WhiskyPayRedisBroker
 
 __all__ = ["EnqueueError", "WhiskyPayActor"]
 
@@ -40,6 +41,9 @@ class WhiskyPayActor(Actor[Any, Any]):
             return self.broker.enqueue(message, delay=delay)
         except DuplicateEvent as exc:
             self.logger.info("Not enqueued: %s.", exc)
+            if isinstance(self.broker, WhiskyPayRedisBroker):
+                # The first send may have raised NotReplicated: this one succeeds only once replicas have it too.
+                self.broker.confirm_replicated(message.queue_name)
             return message
         except InvalidPayload:
             self._release_event_id(message)

@@ -259,6 +259,8 @@ class WhiskyPayRedisBroker(RedisBroker):
         """
         if not self.min_replica_acks or self.enqueue_waits_for_redis:
             return script(keys=keys, args=args)
+        reply: Any = None
+        acks: Any = 0
         for attempt in (1, 2):
             with self.client.pipeline(transaction=False) as pipe:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
@@ -270,14 +272,39 @@ class WhiskyPayRedisBroker(RedisBroker):
                     if attempt == 2:
                         raise
                     self.client.script_load(script.script)  # a restarted or new primary: load it, then once more
-        if int(acks) < self.min_replica_acks:
+        self._check_acks(int(acks), queue_name)
+        return reply
+
+    def confirm_replicated(self, queue_name: str) -> None:
+        """For a producer's duplicate send: return once min_replica_acks replicas have everything written so far.
+
+        The first send of an event may have raised NotReplicated; its retry finds the reservation and enqueues
+        nothing, but must not report success before a replica has that first message either. WAIT counts the
+        writes of its own connection, so a write goes first on the same one: the queue's wake-up PUBLISH (it is
+        replicated, and an idle consumer woken by it just polls once).
+        """
+        if not self.min_replica_acks or self.enqueue_waits_for_redis:
+            return
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.publish(self.waker.channel(q_name(queue_name)), "1")
+                pipe.execute_command("WAIT", self.min_replica_acks, self.replica_ack_timeout_ms)
+                _, acks = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise NotReplicated(
+                f"{q_name(queue_name)}: this event_id was already enqueued, but Redis could not confirm that "
+                f"{self.min_replica_acks} replica(s) have it ({type(exc).__name__}); send it again later."
+            ) from None
+        self._check_acks(int(acks), queue_name)
+
+    def _check_acks(self, acks: int, queue_name: str) -> None:
+        if acks < self.min_replica_acks:
             raise NotReplicated(
                 f"{q_name(queue_name)}: the job may still have been accepted: the primary took it, but only "
-                f"{int(acks)} of {self.min_replica_acks} replica(s) (WHISKYPAY_REDIS_MIN_REPLICA_ACKS) confirmed it "
+                f"{acks} of {self.min_replica_acks} replica(s) (WHISKYPAY_REDIS_MIN_REPLICA_ACKS) confirmed it "
                 f"within {self.replica_ack_timeout_ms} ms. Send it again with the same event_id (its reservation "
                 "is kept, so that cannot enqueue it twice); without an event_id a second send may deliver it twice."
             )
-        return reply
 
     def dead_letter_undecodable(self, queue_name: str, data: bytes, reason: str) -> bool:
         """Replace an undecodable message held by this broker's consumer with a placeholder and dead-letter it.
