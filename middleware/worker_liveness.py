@@ -53,12 +53,12 @@ class WorkerLiveness(Middleware):
     def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
         self._worker = worker
         self._stop.clear()
-        self.beat()
+        self._beat_or_warn()
         self._thread = threading.Thread(target=self._run, name="whiskypay-liveness", daemon=True)
         self._thread.start()
 
     def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
-        self.beat()  # the consumers run now: readiness need not wait for the next beat
+        self._beat_or_warn()  # the consumers run now: readiness need not wait for the next beat
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
         self._stop.set()
@@ -98,9 +98,15 @@ class WorkerLiveness(Middleware):
         )
         write_beat(self.state_dir, beat)
 
+    def _beat_or_warn(self) -> None:
+        # An unwritable directory must not stop the deliveries: the health checks then say the worker is gone.
+        try:
+            self.beat()
+        except OSError as exc:
+            self.logger.warning("Cannot write the liveness file in %s (%s); `whiskypay health --worker` will say no "
+                                "worker runs. Set WHISKYPAY_WORKER_STATE_DIR to a writable directory.",
+                                self.state_dir, exc.strerror)
+
     def _run(self) -> None:
         while not self._stop.wait(self.beat_interval_s):
-            try:
-                self.beat()
-            except OSError as exc:
-                self.logger.warning("Cannot write the liveness file in %s (%s).", self.state_dir, exc.strerror)
+            self._beat_or_warn()

@@ -75,3 +75,27 @@ def test_the_middleware_records_each_busy_thread_with_its_time_limit(tmp_path: P
     liveness.beat()
     assert read_beats(str(tmp_path))[0].busy == ()
     broker.close()
+
+
+def test_an_unwritable_state_dir_warns_and_does_not_stop_the_worker(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    liveness = WorkerLiveness(state_dir=str(blocker / "workers"), beat_interval_s=60)
+    broker = StubBroker(middleware=[])
+    liveness.before_worker_boot(broker, None)  # type: ignore[arg-type]  # no exception: the worker boots
+    liveness.after_worker_shutdown(broker, None)  # type: ignore[arg-type]
+    broker.close()
+
+
+def test_the_queue_gauges_say_redis_is_down_instead_of_reporting_zeros() -> None:
+    from middleware.metrics_exporter import QueueGauge, QueueGauges
+
+    def down() -> list[QueueGauge]:
+        raise ConnectionError("Redis is gone")
+
+    [up] = list(QueueGauges(down).collect())
+    assert up.name == "whiskypay_redis_up" and up.samples[0].value == 0
+    families = {family.name: family for family in QueueGauges(lambda: [QueueGauge("q", None, 3)]).collect()}
+    assert families["whiskypay_redis_up"].samples[0].value == 1
+    assert families["whiskypay_dead_letters"].samples[0].value == 3
+    assert families["whiskypay_queue_oldest_waiting_seconds"].samples[0].value == 0
