@@ -31,6 +31,8 @@ class Receiver:
     hits: list[str] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    #: The client port of each request: one TCP connection per distinct port.
+    client_ports: list[int] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
     big_body_completed: bool = False
 
@@ -56,6 +58,7 @@ def _handler_for(receiver: Receiver) -> type[http.server.BaseHTTPRequestHandler]
         def do_POST(self) -> None:
             path = self.path.split("?", 1)[0].removeprefix("/secret-path-XYZ")
             receiver.hits.append(path)
+            receiver.client_ports.append(self.client_address[1])
             receiver.bodies.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             receiver.headers.append({name.lower(): value for name, value in self.headers.items()})
             if path in ("/ok", "/hook"):
@@ -282,3 +285,31 @@ def test_an_unreadable_retry_after_is_ignored(receiver: Receiver, session: reque
     with pytest.raises(HttpStatusError) as caught:
         post(session, receiver.url("/unavailable-garbage-retry-after"))
     assert caught.value.retry_after_ms is None
+
+
+def test_attempts_reuse_one_connection_send_the_sessions_headers_and_ignore_proxies_from_the_environment(
+    receiver: Receiver, session: requests.Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given proxy variables pointing at a port nobody listens on
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    # When two attempts are made on one session
+    post(session, receiver.url("/ok"))
+    post(session, receiver.url("/ok"))
+    # Then both went straight to the merchant over one kept-alive connection, with the session's User-Agent
+    assert receiver.hits == ["/ok", "/ok"]
+    assert len(set(receiver.client_ports)) == 1
+    assert receiver.headers[0]["user-agent"] == session.headers["User-Agent"]
+
+
+def test_a_connection_whose_answer_was_cut_at_the_size_cap_is_not_reused(
+    receiver: Receiver, session: requests.Session
+) -> None:
+    # Given an attempt whose 50 MiB answer was cut at 1 KiB
+    post(session, receiver.url("/big"), max_bytes=1024)
+    # When the next attempt is made on the same session
+    post(session, receiver.url("/ok"))
+    # Then it opened a new connection (the unread rest of the body is never taken for the next answer)
+    assert len(set(receiver.client_ports)) == 2
