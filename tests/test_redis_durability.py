@@ -108,3 +108,21 @@ def test_a_real_worker_refuses_to_start_on_a_volatile_evicting_redis(start_worke
         log = str(failed.value)
         assert "exited" in log and "The worker will not start on it" in log
         assert "appendonly yes" in log and "maxmemory-policy noeviction" in log
+
+
+def test_the_gateway_imports_actors_and_sends_on_a_volatile_redis_without_the_escape_hatch(worker_env) -> None:
+    # Given a volatile Redis and no WHISKYPAY_REDIS_ALLOW_VOLATILE: the check is the workers', never the gateway's
+    import subprocess
+    import sys
+
+    with RedisServer(args=VOLATILE) as server:
+        env = {key: value for key, value in worker_env.items() if key != "WHISKYPAY_REDIS_ALLOW_VOLATILE"}
+        env["WHISKYPAY_REDIS_URL"] = server.url
+        code = ("import actors; actors.send_callback.send(callback_url='http://127.0.0.1:9/h', email='b@example.com',"
+                " plan='pro', price=1)")
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                              check=False)
+        # Then `import actors` and send() work, and the job is in the queue
+        assert done.returncode == 0, done.stderr[-2000:]
+        with redis.Redis(port=server.port) as client:
+            assert client.llen("whiskypay:callbackQueue") == 1
