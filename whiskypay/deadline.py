@@ -132,12 +132,16 @@ class Watchdog:
         """
         scope = AttemptScope(time.monotonic() + seconds, resolver=resolver, on_peer=on_peer)
         with self._cond:
+            idle = not self._open
             self._open.add(scope)
             if self._thread is None or not self._thread.is_alive():
                 self._stopping = False
                 self._thread = threading.Thread(target=self._run, name="whiskypay-attempt-watchdog", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif idle:
+                # Only an idle watchdog waits without a timeout; a ticking one finds this scope within tick_s.
+                # Waking it for every attempt cost a tenth of a worker's CPU per webhook (BENCHMARKS.md).
+                self._cond.notify()
         token = _current.set(scope)
         try:
             yield scope
