@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import CurrentMessage
@@ -14,12 +16,19 @@ from whiskypay.errors import PermanentError
 from whiskypay.mail import Role, compose
 from whiskypay.queues import Queue
 from whiskypay.redaction import mask_address
+from whiskypay.redis_errors import call_through_transient
 
 logger = dramatiq.get_logger(__name__)
 
 #: How long we remember that one email of a message went out, in seconds: longer than any retry schedule
 #: plus the dead-letter retention, so a re-driven message does not send it again either.
 SENT_MARKER_TTL_S = 8 * 24 * 3600
+
+#: The marker's value from just before the SMTP exchange until its outcome is known: an attempt that finds it
+#: (the previous one was killed or timed out mid-exchange) does not send again. Never twice beats maybe twice.
+SENDING = "sending"
+#: The marker's value once the relay accepted the email (any other existing value counts as sent, too).
+SENT = "sent"
 
 
 @dramatiq.actor(actor_class=WhiskyPayActor, actor_name="send_email", queue_name=Queue.EMAIL, throws=(PermanentError,))
@@ -37,6 +46,11 @@ def send_email(
 
     merchant_id only labels the logs; event_id makes a second send() of the same payment enqueue nothing
     (`IdempotentEnqueue`, scoped by merchant).
+
+    Each email's marker is set (SET NX, "sending") before its SMTP exchange and to "sent" after the 250, both
+    waiting out transient Redis errors (OOM, READONLY, a restart): a Redis failure after the relay accepted an
+    email can delay the job but never sends that email again. The marker is removed only when the relay refused
+    the email or the connection failed, so that the next attempt sends it.
     """
     broker = dramatiq.get_broker()
     smtp = middleware_of(broker, SmtpClients)
@@ -50,9 +64,7 @@ def send_email(
     for role, to in recipients:
         marker = keys.email_sent(redis_broker.namespace, message_id, role) if redis_broker else ""
         client = redis_broker.client if redis_broker else None
-        if client and client.exists(marker):
-            logger.info("email message=%s merchant=%s role=%s already sent; skipped", message_id, merchant, role)
-            continue
+        what = f"the {role} email marker of message {message_id}"
         email = compose(
             role,
             to=to,
@@ -62,7 +74,28 @@ def send_email(
             saas_name=saas_name,
             logo_url=logo_url,
         )
-        smtp.send(email)
+        # Intent first: once this marker exists the email is never sent again, whatever fails after the SMTP 250.
+        if client and not call_through_transient(
+            partial(client.set, marker, SENDING, nx=True, ex=SENT_MARKER_TTL_S), what=what, logger=logger
+        ):
+            if keys.text(client.get(marker) or b"") == SENDING:
+                logger.warning(
+                    "email message=%s merchant=%s role=%s to=%s not sent again: an earlier attempt stopped during "
+                    "its SMTP exchange, so it may or may not have gone out",
+                    message_id, merchant, role, mask_address(to),
+                )
+            else:
+                logger.info("email message=%s merchant=%s role=%s already sent; skipped", message_id, merchant, role)
+            continue
+        try:
+            smtp.send(email)
+        except Exception:
+            # The relay refused it or the connection failed (SmtpTemporaryError, SmtpPermanentError): it was not
+            # accepted, so the next attempt may send it. A time limit or a kill (not an Exception) keeps the
+            # marker: the exchange may have reached the 250.
+            if client:
+                call_through_transient(partial(client.delete, marker), what=what, logger=logger)
+            raise
         if client:
-            client.set(marker, 1, ex=SENT_MARKER_TTL_S)
+            call_through_transient(partial(client.set, marker, SENT, ex=SENT_MARKER_TTL_S), what=what, logger=logger)
         logger.info("email message=%s merchant=%s role=%s to=%s sent", message_id, merchant, role, mask_address(to))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 from dramatiq import Broker, Middleware
 from dramatiq.broker import MessageProxy
@@ -11,6 +12,7 @@ from dramatiq.logging import get_logger
 
 from whiskypay import keys
 from whiskypay.outcomes import record_failure
+from whiskypay.redis_errors import call_through_transient
 
 
 class DeadLetterReasons(Middleware):
@@ -33,5 +35,8 @@ class DeadLetterReasons(Middleware):
             record_failure(message, getattr(message, "_exception", None))
         message.options["failed_at"] = int(time.time() * 1000)
         key = keys.messages(broker.namespace, message.queue_name)
-        if broker.client.hexists(key, redis_id):
-            broker.client.hset(key, redis_id, message.encode())
+        client, encoded = broker.client, message.encode()
+        what = f"the dead-letter reason of message {message.message_id}"
+        # Waits out transient errors (OOM, READONLY) like the nack that follows, so the reason is not lost.
+        if call_through_transient(partial(client.hexists, key, redis_id), what=what, logger=self.logger):
+            call_through_transient(partial(client.hset, key, redis_id, encoded), what=what, logger=self.logger)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # make `whiskyp
 
 from tests.helpers import NAMESPACE, TEST_SECRET, FakeSentry
 from whiskypay.devstack import HttpReceiver, RedisServer, SmtpSink, WorkerProcess, redis_answers
+from whiskypay.redis_broker import WhiskyPayRedisBroker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,6 +166,7 @@ def sentry() -> Iterator[FakeSentry]:
 
 
 RedisBrokerFactory = Callable[..., RedisBroker]
+WhiskyPayBrokerFactory = Callable[..., WhiskyPayRedisBroker]
 
 
 @pytest.fixture
@@ -179,6 +181,26 @@ def redis_broker(redis_client: redis.Redis, redis_url: str) -> Iterator[RedisBro
     def _make(*middleware: Middleware) -> RedisBroker:
         client = redis.Redis.from_url(redis_url)
         broker = RedisBroker(client=client, namespace=NAMESPACE, middleware=list(middleware))
+        made.append(broker)
+        return broker
+
+    yield _make
+    for broker in made:
+        broker.close()
+
+
+@pytest.fixture
+def whiskypay_broker(redis_client: redis.Redis, redis_url: str) -> Iterator[WhiskyPayBrokerFactory]:
+    """Factory ``whiskypay_broker(*middleware)`` -> a WhiskyPayRedisBroker on the (flushed) test database.
+
+    For middleware that need our broker (IdempotentEnqueue's reservation is taken by its enqueue Lua call).
+    """
+    made: list[WhiskyPayRedisBroker] = []
+
+    def _make(*middleware: Middleware) -> WhiskyPayRedisBroker:
+        broker = WhiskyPayRedisBroker(
+            client=redis.Redis.from_url(redis_url), namespace=NAMESPACE, middleware=list(middleware)
+        )
         made.append(broker)
         return broker
 

@@ -10,15 +10,15 @@ import dramatiq
 import pytest
 import redis
 from dramatiq import Broker, Message, Middleware
-from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.common import current_millis
 
 from middleware.idempotency import IdempotentEnqueue
-from tests.conftest import RedisBrokerFactory
+from tests.conftest import WhiskyPayBrokerFactory
 from tests.helpers import queued
 from whiskypay.actor import EnqueueError, WhiskyPayActor
 from whiskypay.devstack import free_port
+from whiskypay.redis_broker import WhiskyPayRedisBroker
 from whiskypay.schemas import InvalidPayload
 
 QUEUE = "q"
@@ -62,22 +62,22 @@ def test_given_a_timedelta_delay_when_sent_then_the_message_waits_on_the_delay_q
     assert before + 2_000 <= eta <= current_millis() + 2_000
 
 
-def test_given_an_event_id_already_sent_when_sent_again_then_send_returns_without_raising_or_enqueuing(
-    redis_broker: RedisBrokerFactory, redis_client: redis.Redis
+def test_given_an_event_id_already_sent_when_sent_again_then_send_returns_the_first_message_without_enqueuing(
+    whiskypay_broker: WhiskyPayBrokerFactory, redis_client: redis.Redis
 ) -> None:
-    actor = actor_on(redis_broker(IdempotentEnqueue(window_s=60)))
-    actor.send(event_id="evt_1", plan="pro")
+    actor = actor_on(whiskypay_broker(IdempotentEnqueue(window_s=60)))
+    first = actor.send(event_id="evt_1", plan="pro")
     again = actor.send(event_id="evt_1", plan="pro")
-    assert again.kwargs["event_id"] == "evt_1"
+    assert again.kwargs["event_id"] == "evt_1" and again.message_id == first.message_id
     assert queued(redis_client, QUEUE) == 1
 
 
-def test_given_an_invalid_payload_after_the_reservation_when_sent_then_it_raises_and_frees_the_event_id(
-    redis_broker: RedisBrokerFactory, redis_client: redis.Redis
+def test_given_an_invalid_payload_after_the_reservation_hook_when_sent_then_it_raises_and_reserves_nothing(
+    whiskypay_broker: WhiskyPayBrokerFactory, redis_client: redis.Redis
 ) -> None:
-    # Given a broker whose validation runs after the reservation was taken
+    # Given a broker whose validation runs after IdempotentEnqueue named the reservation
     refuse = RefuseEveryEnqueue()
-    broker = redis_broker(IdempotentEnqueue(window_s=60), refuse)
+    broker = whiskypay_broker(IdempotentEnqueue(window_s=60), refuse)
     actor = actor_on(broker)
     # When a send is refused, then InvalidPayload reaches the caller and no reservation is left behind
     with pytest.raises(InvalidPayload, match="plan"):
@@ -89,14 +89,14 @@ def test_given_an_invalid_payload_after_the_reservation_when_sent_then_it_raises
     assert queued(redis_client, QUEUE) == 1
 
 
-def test_given_redis_fails_at_enqueue_when_sent_then_enqueue_error_names_the_setting_and_frees_the_event_id(
-    redis_broker: RedisBrokerFactory, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+def test_given_redis_fails_at_enqueue_when_sent_then_enqueue_error_names_the_setting_and_reserves_nothing(
+    whiskypay_broker: WhiskyPayBrokerFactory, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a broker whose reservation works but whose enqueue hits a dropped connection
-    broker = redis_broker(IdempotentEnqueue(window_s=60))
+    # Given a broker whose enqueue call (which takes the reservation too) hits a dropped connection
+    broker = whiskypay_broker(IdempotentEnqueue(window_s=60))
     actor = actor_on(broker)
 
-    def connection_lost(*args: object) -> None:
+    def connection_lost(*args: object, **kwargs: object) -> None:
         raise redis.ConnectionError("Connection reset by peer")
 
     monkeypatch.setattr(broker, "do_enqueue", connection_lost)
@@ -115,9 +115,9 @@ def test_given_redis_fails_at_enqueue_when_sent_then_enqueue_error_names_the_set
 def test_given_no_redis_listening_when_sent_then_enqueue_error_is_raised_without_the_password() -> None:
     # Given a broker whose Redis URL (with a password) points at a port nothing listens on
     client = redis.Redis.from_url(f"redis://:hunter2@127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
-    broker = RedisBroker(client=client, namespace="whiskypay", middleware=[IdempotentEnqueue(window_s=60)])
+    broker = WhiskyPayRedisBroker(client=client, namespace="whiskypay", middleware=[IdempotentEnqueue(window_s=60)])
     try:
-        # When a payment with an event id is sent (the reservation itself fails), then EnqueueError is raised
+        # When a payment with an event id is sent (its one enqueue call fails), then EnqueueError is raised
         with pytest.raises(EnqueueError) as raised:
             actor_on(broker).send(event_id="evt_1", plan="pro")
         assert "hunter2" not in str(raised.value)

@@ -1,4 +1,5 @@
-"""Tier 3: IdempotentEnqueue alone on a plain RedisBroker (it reserves event ids in Redis), with throwaway actors."""
+"""Tier 3: IdempotentEnqueue alone on a WhiskyPayRedisBroker (whose enqueue call reserves the event id), throwaway
+actors."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import MiddlewareError
 
 from middleware.idempotency import IdempotentEnqueue
-from tests.conftest import RedisBrokerFactory
+from tests.conftest import WhiskyPayBrokerFactory
 from tests.helpers import queued
 
 QUEUE = "q"
@@ -34,9 +35,9 @@ def actor_on(broker: dramatiq.Broker, name: str = "cb") -> dramatiq.Actor[Any, A
 
 
 def test_given_an_event_id_was_sent_when_another_message_with_it_is_sent_then_send_raises_and_nothing_is_enqueued(
-    redis_broker: RedisBrokerFactory, redis_client: redis.Redis
+    whiskypay_broker: WhiskyPayBrokerFactory, redis_client: redis.Redis
 ) -> None:
-    broker = redis_broker(IdempotentEnqueue(window_s=60))
+    broker = whiskypay_broker(IdempotentEnqueue(window_s=60))
     actor = actor_on(broker)
     first = actor.send(event_id="evt_1", plan="pro")
     # When a second message with the same event_id is sent, then Dramatiq's contract makes send() raise
@@ -49,10 +50,10 @@ def test_given_an_event_id_was_sent_when_another_message_with_it_is_sent_then_se
 
 
 def test_given_a_reserved_event_id_when_its_own_message_is_enqueued_again_then_it_passes(
-    redis_broker: RedisBrokerFactory, redis_client: redis.Redis
+    whiskypay_broker: WhiskyPayBrokerFactory, redis_client: redis.Redis
 ) -> None:
     # Given a message that reserved its event_id
-    broker = redis_broker(IdempotentEnqueue(window_s=60))
+    broker = whiskypay_broker(IdempotentEnqueue(window_s=60))
     message = actor_on(broker).send(event_id="evt_1")
     # When the same message is enqueued again (a retry, or its delayed copy coming due), then it is accepted
     broker.enqueue(message)
@@ -63,9 +64,9 @@ def test_given_a_reserved_event_id_when_its_own_message_is_enqueued_again_then_i
 
 @pytest.mark.parametrize("kwargs", [{}, {"event_id": None}, {"event_id": ""}], ids=["absent", "none", "empty"])
 def test_given_no_usable_event_id_when_sent_twice_then_both_are_enqueued_and_nothing_is_reserved(
-    redis_broker: RedisBrokerFactory, redis_client: redis.Redis, kwargs: dict[str, Any]
+    whiskypay_broker: WhiskyPayBrokerFactory, redis_client: redis.Redis, kwargs: dict[str, Any]
 ) -> None:
-    broker = redis_broker(IdempotentEnqueue(window_s=60))
+    broker = whiskypay_broker(IdempotentEnqueue(window_s=60))
     actor = actor_on(broker)
     actor.send(**kwargs)
     actor.send(**kwargs)
@@ -74,9 +75,9 @@ def test_given_no_usable_event_id_when_sent_twice_then_both_are_enqueued_and_not
 
 
 def test_given_two_actors_when_each_sends_the_same_event_id_then_both_are_enqueued(
-    redis_broker: RedisBrokerFactory, redis_client: redis.Redis
+    whiskypay_broker: WhiskyPayBrokerFactory, redis_client: redis.Redis
 ) -> None:
-    broker = redis_broker(IdempotentEnqueue(window_s=60))
+    broker = whiskypay_broker(IdempotentEnqueue(window_s=60))
     actor_on(broker, "first").send(event_id="evt_1")
     actor_on(broker, "second").send(event_id="evt_1")
     assert queued(redis_client, QUEUE) == 2
@@ -84,10 +85,10 @@ def test_given_two_actors_when_each_sends_the_same_event_id_then_both_are_enqueu
 
 
 def test_given_the_window_passed_when_the_event_id_is_sent_again_then_it_is_enqueued(
-    redis_broker: RedisBrokerFactory, redis_client: redis.Redis
+    whiskypay_broker: WhiskyPayBrokerFactory, redis_client: redis.Redis
 ) -> None:
     # Given a one-second window and a sent event
-    broker = redis_broker(IdempotentEnqueue(window_s=1))
+    broker = whiskypay_broker(IdempotentEnqueue(window_s=1))
     actor = actor_on(broker)
     actor.send(event_id="evt_1")
     # When the window has passed, then the same event id is accepted again
@@ -98,23 +99,17 @@ def test_given_the_window_passed_when_the_event_id_is_sent_again_then_it_is_enqu
     assert holder == second.message_id
 
 
-def test_given_a_failed_enqueue_when_released_then_only_the_holder_frees_the_event_id(
-    redis_broker: RedisBrokerFactory, redis_client: redis.Redis
+def test_given_actor_names_and_event_ids_that_share_a_spelling_when_sent_then_each_gets_its_own_reservation(
+    whiskypay_broker: WhiskyPayBrokerFactory, redis_client: redis.Redis
 ) -> None:
-    # Given a reservation held by the first message
-    idempotency = IdempotentEnqueue(window_s=60)
-    broker = redis_broker(idempotency)
-    actor = actor_on(broker)
-    first = actor.send(event_id="evt_1")
-    # When another message with the same event id is released, then the reservation stays
-    other = actor.message(event_id="evt_1")
-    idempotency.release(broker, other)
-    assert len(reservations(redis_client)) == 1
-    # And when the holder is released, the event id can be sent again
-    idempotency.release(broker, first)
-    assert reservations(redis_client) == {}
-    actor.send(event_id="evt_1")
+    # Given two actors and event ids whose plain "actor:event" spelling is the same ("a:b:c")
+    broker = whiskypay_broker(IdempotentEnqueue(window_s=60))
+    actor_on(broker, "a:b").send(event_id="c")
+    actor_on(broker, "a").send(event_id="b:c")
+    # Then both were enqueued, each under its own (length-prefixed) key
     assert queued(redis_client, QUEUE) == 2
+    expected = ["whiskypay:whiskypay.events:1.a:0.:3.b:c", "whiskypay:whiskypay.events:3.a:b:0.:1.c"]
+    assert sorted(reservations(redis_client)) == expected
 
 
 def test_given_a_broker_without_redis_when_an_event_id_is_sent_twice_then_both_are_enqueued() -> None:

@@ -137,9 +137,9 @@ def build_broker(settings: Settings) -> RedisBroker:
             slow_after_s=settings.webhook_slow_after_s,
         ),
         SmtpClients(relay=smtp_relay(settings), mail_from=settings.mail_from),
-        # before_enqueue runs in list order: validate first, so an invalid send never reserves its event_id
-        # and a duplicate never gets a webhook_id; before_process_message dead-letters invalid messages
-        # before anything else looks at them.
+        # before_enqueue runs in list order: validate first, so an invalid send never names a reservation;
+        # IdempotentEnqueue only names the event_id key, which the broker reserves in the enqueue's own Lua
+        # call; before_process_message dead-letters invalid messages before anything else looks at them.
         PayloadValidation(
             schemas={"send_callback": CallbackArgs, "send_email": EmailArgs},
             https_only=settings.callback_https_only,

@@ -5,7 +5,7 @@
     ├── WorkerStartRefused        a worker cannot start with this configuration (a Dramatiq MiddlewareError)
     ├── InvalidPayload            send() refused the arguments; nothing was enqueued (a Dramatiq MiddlewareError)
     ├── DuplicateEvent            send() found its event_id already enqueued (a Dramatiq MiddlewareError)
-    ├── EnqueueError              send() could not reach Redis: the job was NOT accepted
+    ├── EnqueueError              send() could not reach Redis or Redis refused it: the job was NOT accepted
     │   └── NotReplicated         the primary took it but too few replicas confirmed: it MAY have been accepted
     ├── WebhookVerificationError  a received webhook's headers or signature do not check out (merchant side)
     ├── OpsError                  an operations command cannot use Redis or the configuration (exit status 2)
@@ -70,7 +70,15 @@ class InvalidPayload(WhiskyPayError, MiddlewareError):
 
 
 class DuplicateEvent(WhiskyPayError, MiddlewareError):
-    """This event_id was already enqueued within the window; `WhiskyPayActor.send` returns without enqueuing."""
+    """This event_id was already enqueued within the window; `WhiskyPayActor.send` returns the first message.
+
+    Parameters:
+      holder(str): The message id of the first message, which holds the event_id's reservation.
+    """
+
+    def __init__(self, message: str, *, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class EnqueueError(WhiskyPayError):

@@ -15,15 +15,17 @@ Namespace `ns` (WHISKYPAY_NAMESPACE, default "whiskypay"), queue `Q` (e.g. "call
 Ours:
 
   ns:whiskypay.events:A:M:E  string: the id of the message that reserved event_id E of merchant M for actor A
-                               (SET NX EX, WHISKYPAY_IDEMPOTENCY_WINDOW_S); each part length-prefixed
+                               (SET NX EX, WHISKYPAY_IDEMPOTENCY_WINDOW_S, in the enqueue's own Lua call:
+                               redis_broker.ENQUEUE_LUA); each part length-prefixed
                                (`13.send_callback:4.m_42:7.pay_123`, `length_prefixed`), M empty without one
-  ns:whiskypay.sent:M:R        string "1": email R ("buyer", "merchant") of message M went out (8 days)
+  ns:whiskypay.sent:M:R        string: email R ("buyer", "merchant") of message M is being sent ("sending",
+                               set before its SMTP exchange) or went out ("sent"; "1" from older versions); 8 days
   ns:whiskypay.stats:Q         hash of outcome counters: `completed` (delivered), `failed` (dead-lettered),
                                `started_at` (unix seconds of the first count: the counts are "since" then)
   ns:whiskypay.stats.merchants:Q  hash of the same counters per merchant: `completed:M`, `failed:M` (M a merchant_id)
   ns:whiskypay.health:Q        hash of check_queue_health's state: `dead_letters_seen`, `open`, `checked_at`
   ns:whiskypay.health.tick:T   string: one run's lock of scheduled minute T ("2026-11-27T21:00Z")
-  ns:wake:Q                    pub/sub channel: published by every enqueue on Q (WAKE_ON_ENQUEUE_LUA)
+  ns:wake:Q                    pub/sub channel: published by every enqueue on Q (redis_broker.ENQUEUE_LUA)
 
 Functions take the queue name as given: a delay queue `Q.DQ` is a queue of its own, except for the outcome
 counters, which count a delay queue's messages as its queue's.
@@ -110,7 +112,7 @@ def event_reservation(namespace: str, actor_name: str, merchant_id: str | None, 
 
 
 def email_sent(namespace: str, message_id: str, role: str) -> str:
-    """Return the marker saying message_id's email for role already went out."""
+    """Return the marker of message_id's email for role: "sending" during its SMTP exchange, then "sent"."""
     return f"{namespace}:{OURS}.sent:{message_id}:{role}"
 
 

@@ -14,10 +14,18 @@ a dead worker's messages) as they are:
   runs at random (0.1% of commands) per queue: a SIGKILLed worker's messages came back after 914 s here.
   This broker runs maintenance for each queue at least every `maintenance_interval_ms`, so they come back
   within heartbeat_timeout + maintenance_interval + one poll.
-- Redis outages. A consumer that loses Redis waits and tries again instead of being restarted, because a
-  restart drops the delayed retries the worker holds in memory (their acks stay with the live worker, so
-  nothing would ever requeue them). And in a worker process an enqueue (a retry being scheduled, a delayed
-  message coming due) waits for Redis instead of failing, because the message it carries is acked next.
+- One enqueue call. Every enqueue is one Lua call (ENQUEUE_LUA, Dramatiq's layout): the event reservation a
+  before_enqueue hook asked for (IdempotentEnqueue), the message, the wake-up PUBLISH. A refused reservation
+  enqueues nothing; a failed enqueue leaves no reservation behind.
+- Redis outages and error replies, classified once (whiskypay.redis_errors). A consumer that loses Redis, or
+  gets a transient error reply (READONLY, OOM, BUSY, LOADING), waits and tries again instead of being
+  restarted, because a restart drops the delayed retries the worker holds in memory (their acks stay with the
+  live worker, so nothing would ever requeue them). In a worker process an enqueue (a retry being scheduled, a
+  delayed message coming due), an ack and a nack wait the same way, because the message they carry would
+  otherwise stay in this worker's acks with no retry and no dead letter. A configuration error (NOPERM,
+  WRONGTYPE...) is reported to Sentry and the log once, and the worker stops taking messages: the message
+  whose retry or dead letter could not be written stays unacknowledged, and comes back when the worker is
+  restarted.
 - Replica acknowledgements. With `min_replica_acks` N > 0 a producer's enqueue is followed by `WAIT N timeout`
   on the same connection (WAIT counts that connection's writes), in one round trip; fewer acknowledgements
   raise `NotReplicated` (an EnqueueError saying the job may still have been accepted), and the event_id
@@ -34,24 +42,27 @@ a dead worker's messages) as they are:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
-import time
+from functools import partial
 from typing import Any
+from uuid import uuid4
 
 import redis
 from dramatiq import Message
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer, _scripts
-from dramatiq.common import compute_backoff, current_millis, q_name
+from dramatiq.common import compute_backoff, current_millis, dq_name, q_name
 from dramatiq.errors import DecodeError
 from dramatiq.logging import get_logger
 from redis.commands.core import Script
 
 from whiskypay import keys
-from whiskypay.errors import InvalidPayload, NotReplicated
+from whiskypay.errors import DuplicateEvent, InvalidPayload, NotReplicated
 from whiskypay.outcomes import failure_options
 from whiskypay.redaction import masked_sample
+from whiskypay.redis_errors import call_through_transient, classify_redis_error, describe, report_configuration_error
 
 #: Maintenance requeues dead workers' messages; ack and nack never trigger it (as in Dramatiq).
 _NO_MAINTENANCE = frozenset({"ack", "nack"})
@@ -62,6 +73,76 @@ POISON_SAMPLE_BYTES = 2048
 #: The actor name given to the placeholder of an undecodable message.
 UNDECODABLE_ACTOR = "undecodable-message"
 
+
+
+#: The whole of one enqueue, in one call: so a reservation never exists without its message, nor a message
+#: without its reservation. Extend it here (issue 11's ledger record, before the RPUSH), and keep KEYS/ARGV below
+#: and WhiskyPayRedisBroker._enqueue_keys_args in step.
+ENQUEUE_LUA = b"""
+-- KEYS[1]  <ns>:<queue>          Dramatiq's queue: a list of redis message ids
+-- KEYS[2]  <ns>:<queue>.msgs     Dramatiq's messages: redis message id -> encoded message
+-- KEYS[3]  the reservation key   (IdempotentEnqueue's event_id key), or "" when the message reserves nothing
+-- ARGV[1]  redis message id      (new at each enqueue: a retry or a delayed move gets another)
+-- ARGV[2]  the encoded message
+-- ARGV[3]  message id            (stable across retries): the reservation's holder
+-- ARGV[4]  the reservation's time to live, in seconds
+-- ARGV[5]  the wake channel      <ns>:wake:<queue> (QueueWaker), so an idle consumer fetches at once
+-- Returns {"enqueued"}, or {"duplicate", holder} when another message holds the reservation (nothing written).
+--
+-- Order matters. Redis does not roll a script back, so every command that can be refused (an ACL denial,
+-- WRONGTYPE, OOM and READONLY at the first write) runs before the RPUSH, the commit point: a refused call
+-- leaves at most the reservation and an unlisted hash entry, which the caller removes (RELEASE_LUA).
+local queue, messages, reservation = KEYS[1], KEYS[2], KEYS[3]
+local redis_id, data, holder, ttl, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+
+if redis.call("hexists", messages, redis_id) == 1 then
+    return {"enqueued"}  -- this very call ran before and its reply was lost
+end
+local current = false
+if reservation ~= "" then
+    current = redis.call("get", reservation)
+    if current and current ~= holder then
+        return {"duplicate", current}
+    end
+end
+redis.call("publish", channel, "1")
+if reservation ~= "" and not current then
+    redis.call("set", reservation, holder, "EX", ttl)
+end
+redis.call("hset", messages, redis_id, data)
+redis.call("rpush", queue, redis_id)
+return {"enqueued"}
+"""
+
+#: Undo what a refused ENQUEUE_LUA call may have left: its reservation (only if it still names this message) and
+#: the message's hash entry (not in the queue's list: the RPUSH is the last command).
+#: KEYS[1] the reservation key or "", KEYS[2] <ns>:<queue>.msgs; ARGV[1] the holder, ARGV[2] the redis message id.
+RELEASE_LUA = b"""
+if KEYS[1] ~= "" and redis.call("get", KEYS[1]) == ARGV[1] then
+    redis.call("del", KEYS[1])
+end
+redis.call("hdel", KEYS[2], ARGV[2])
+return 1
+"""
+
+#: The message option through which a before_enqueue hook hands WhiskyPayRedisBroker a Reservation. The broker
+#: takes it out before encoding the message, so it is never stored.
+RESERVATION_OPTION = "whiskypay_reservation"
+
+
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    """A key the enqueue call sets to the message id (with a TTL), unless another message's id is already there.
+
+    Parameters:
+      key: The Redis key (IdempotentEnqueue's is `keys.event_reservation`).
+      ttl_s: How long the reservation lasts, in seconds.
+      what: What is reserved, for the DuplicateEvent text ("send_callback: event_id 'pay_1'").
+    """
+
+    key: str
+    ttl_s: int
+    what: str
 
 
 class QueueWaker:
@@ -172,7 +253,15 @@ class WhiskyPayRedisBroker(RedisBroker):
         self.enqueue_waits_for_redis = False
         self._last_maintenance: dict[str, int] = {}
         self.waker = QueueWaker(self.client, self.namespace)
+        # do_enqueue runs ENQUEUE_LUA; dispatch's own enqueue still publishes for any other caller of it.
         self.scripts["dispatch"] = self.client.register_script(_scripts["dispatch"] + keys.WAKE_ON_ENQUEUE_LUA)
+        self.scripts["whiskypay_enqueue"] = self.client.register_script(ENQUEUE_LUA)
+        self.scripts["whiskypay_release"] = self.client.register_script(RELEASE_LUA)
+        #: Set once a Redis configuration error made this worker stop taking messages (see `halt`).
+        self.halted = threading.Event()
+        self._halt_lock = threading.Lock()
+        #: Ids of messages whose retry, deferral or delayed move could not be written: never acked nor nacked.
+        self._held: set[str] = set()
 
     @property
     def consumer_class(self) -> type[_RedisConsumer]:
@@ -219,12 +308,58 @@ class WhiskyPayRedisBroker(RedisBroker):
         self.enqueue_waits_for_redis = True
         return super().consume(queue_name, prefetch, timeout)
 
-    def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> None:
-        """Enqueue (which publishes the wake-up); in a worker, keep trying through a Redis outage.
+    @staticmethod
+    def reserve_on_enqueue(message: Message[Any], reservation: Reservation) -> None:
+        """From a before_enqueue hook: make this enqueue's own Lua call take reservation (see ENQUEUE_LUA)."""
+        message.options[RESERVATION_OPTION] = reservation
 
-        In the gateway a failure raises at once (send() must fail fast). In a worker process the enqueue is a
-        retry being scheduled or a delayed message coming due, and the message it carries is about to be
-        acked: giving up would lose it. So it retries, up to once a second, until Redis answers.
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        """Enqueue message (Dramatiq's RedisBroker.enqueue, step for step), passing its Reservation to do_enqueue.
+
+        Raises DuplicateEvent if another message holds its reservation, InvalidPayload for an oversized message,
+        and the redis-py error (after undoing any partial write) if Redis refuses it.
+        """
+        queue_name = message.queue_name
+        message = message.copy(options={"redis_message_id": str(uuid4())})
+        if delay is not None:
+            queue_name = dq_name(queue_name)
+            message = message.copy(queue_name=queue_name, options={"eta": current_millis() + delay})
+        self.logger.debug("Enqueueing message %r on queue %r.", message.message_id, queue_name)
+        self.emit_before("enqueue", message, delay)
+        reservation = message.options.pop(RESERVATION_OPTION, None)
+        try:
+            self.do_enqueue(
+                queue_name, message.options["redis_message_id"], message.encode(),
+                holder=message.message_id, reservation=reservation,
+            )
+        except redis.RedisError as exc:
+            if self.enqueue_waits_for_redis:
+                # A worker: do_enqueue waited out transient errors, so this one is a configuration error. The
+                # message this enqueue carries (a retry, a deferral, a delayed move) must not be acked or nacked:
+                # it stays in this worker's acks and comes back when the worker restarts.
+                self._held.add(message.message_id)
+                self.halt(exc, what=f"enqueuing message {message.message_id} on {queue_name!r}")
+            raise
+        self.emit_after("enqueue", message, delay)
+        return message
+
+    def do_enqueue(
+        self, queue_name: str, message_id: str, data: bytes, *, holder: str = "",
+        reservation: Reservation | None = None,
+    ) -> None:
+        """Run ENQUEUE_LUA once; in a worker, wait out transient Redis errors (a retry must not be lost).
+
+        In the gateway a failure raises at once (send() must answer within the Redis timeout), after undoing what
+        a refused call left (RELEASE_LUA): no reservation outlives a failed enqueue. A lost reply (a timeout, a
+        dropped connection) is not undone: then the call either never ran or ran whole, and a reservation left
+        behind belongs to a message that is in the queue. In a worker process the enqueue is a retry being
+        scheduled or a delayed message coming due, and the message it carries is about to be acked: giving up
+        would lose it. So it waits (up to a second between tries) until Redis accepts it.
+
+        Parameters:
+          queue_name, message_id, data: As Dramatiq's (message_id is the redis message id).
+          holder: The message id (stable across retries), the reservation's holder.
+          reservation: Taken in the same call, or DuplicateEvent is raised and nothing is written.
         """
         if self.max_message_bytes and not self.enqueue_waits_for_redis and len(data) > self.max_message_bytes:
             # Producers only: a worker re-enqueuing a retry must never drop it for its size.
@@ -232,24 +367,42 @@ class WhiskyPayRedisBroker(RedisBroker):
                 f"{q_name(queue_name)}: the message is {len(data)} bytes, over the {self.max_message_bytes}-byte "
                 "limit (WHISKYPAY_MAX_MESSAGE_BYTES). Nothing was enqueued."
             )
-        tries = 0
-        while True:
-            try:
-                return self._enqueue_once(queue_name, message_id, data)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if not self.enqueue_waits_for_redis:
-                    raise
-                tries += 1
-                if tries == 1 or tries % 30 == 0:
-                    self.logger.warning(
-                        "Redis unreachable while enqueuing on %r (%s); retrying until it is back.",
-                        queue_name, type(exc).__name__,
-                    )
-                time.sleep(min(0.05 * 2**tries, 1.0))
+        names, args = self._enqueue_keys_args(queue_name, message_id, data, holder, reservation)
+        try:
+            if self.enqueue_waits_for_redis:
+                reply = call_through_transient(
+                    lambda: self._enqueue_once(queue_name, names, args),
+                    what=f"enqueuing message {holder or message_id} on {queue_name!r}", logger=self.logger,
+                )
+            else:
+                reply = self._enqueue_once(queue_name, names, args)
+        except redis.ResponseError as exc:
+            # An error reply: the script stopped before its RPUSH. A transient one (OOM, READONLY, BUSY) came
+            # before any write; a configuration one may follow the reservation and the HSET. In a worker the
+            # reservation stays with the message (held for redelivery); elsewhere it goes, so the caller's retry
+            # is not taken for a duplicate.
+            if classify_redis_error(exc) == "configuration":
+                self._undo_enqueue(names, holder, message_id, release=not self.enqueue_waits_for_redis)
+            raise
+        if keys.text(reply[0]) == "duplicate":
+            assert reservation is not None
+            first = keys.text(reply[1])
+            raise DuplicateEvent(f"{reservation.what} was already enqueued (message {first})", holder=first)
 
-    def _enqueue_once(self, queue_name: str, message_id: str, data: bytes) -> None:
-        args = self._args("enqueue", queue_name, message_id, data)
-        self.call_enqueue_script(self.scripts["dispatch"], keys=[self.namespace], args=args, queue_name=queue_name)
+    def _enqueue_keys_args(
+        self, queue_name: str, message_id: str, data: bytes, holder: str, reservation: Reservation | None
+    ) -> tuple[list[str], list[Any]]:
+        """Return ENQUEUE_LUA's KEYS and ARGV (documented with the script)."""
+        names = [
+            keys.queue(self.namespace, queue_name),
+            keys.messages(self.namespace, queue_name),
+            reservation.key if reservation else "",
+        ]
+        args = [message_id, data, holder, reservation.ttl_s if reservation else 0, self.waker.channel(queue_name)]
+        return names, args
+
+    def _enqueue_once(self, queue_name: str, names: list[str], args: list[Any]) -> Any:
+        return self.call_enqueue_script(self.scripts["whiskypay_enqueue"], keys=names, args=args, queue_name=queue_name)
 
     def call_enqueue_script(self, script: Script, *, keys: list[Any], args: list[Any], queue_name: str) -> Any:
         """Run the enqueue script; for a producer with min_replica_acks, then WAIT on the same connection.
@@ -306,6 +459,36 @@ class WhiskyPayRedisBroker(RedisBroker):
                 "is kept, so that cannot enqueue it twice); without an event_id a second send may deliver it twice."
             )
 
+    def _undo_enqueue(self, names: list[str], holder: str, message_id: str, *, release: bool) -> None:
+        try:
+            self.scripts["whiskypay_release"](keys=[names[2] if release else "", names[1]], args=[holder, message_id])
+        except redis.RedisError as exc:
+            self.logger.warning("Could not undo a refused enqueue on %r (%s).", names[0], describe(exc))
+
+    def halt(self, exc: BaseException, *, what: str) -> None:
+        """Stop taking messages after a Redis configuration error; report it (Sentry and the log) once.
+
+        Consumers stop fetching (they keep the worker's heartbeat, so no other worker takes over the messages this
+        one holds while it may still be working on them); acks and nacks of messages already taken go on.
+        """
+        with self._halt_lock:
+            first = not self.halted.is_set()
+            self.halted.set()
+        if first:
+            report_configuration_error(
+                exc, what=what, logger=self.logger,
+                consequence="this worker stopped taking messages; the ones it holds come back when it is restarted",
+            )
+        else:
+            self.logger.error("Redis refused %s (%s); this worker has stopped taking messages.", what, describe(exc))
+
+    def is_held(self, message: MessageProxy) -> bool:
+        """Return True (once) if message's retry could not be written, so it must be neither acked nor nacked."""
+        if message.message_id in self._held:
+            self._held.discard(message.message_id)
+            return True
+        return False
+
     def dead_letter_undecodable(self, queue_name: str, data: bytes, reason: str) -> bool:
         """Replace an undecodable message held by this broker's consumer with a placeholder and dead-letter it.
 
@@ -332,13 +515,16 @@ class WhiskyPayRedisBroker(RedisBroker):
                         "raw_size": len(data),
                     },
                 )
-                self.client.hset(messages, redis_id, placeholder.encode())
+                what = f"dead-lettering undecodable message {redis_id} on {queue_name!r}"
+                encoded = placeholder.encode()
+                call_through_transient(partial(self.client.hset, messages, redis_id, encoded), what=what,
+                                       logger=self.logger)
                 proxy = MessageProxy(placeholder)
                 proxy.fail()
                 proxy.stuff_exception(exception)
                 # The nack hooks report it (Sentry) and store its reason, as for any other dead letter.
                 self.emit_before("nack", proxy)
-                self.do_nack(queue_name, redis_id)
+                call_through_transient(partial(self.do_nack, queue_name, redis_id), what=what, logger=self.logger)
                 self.emit_after("nack", proxy)
                 return True
         return False
@@ -353,15 +539,33 @@ class _WakingConsumer(_RedisConsumer):
         broker.waker.register(queue_name, self.wake)
 
     def ack(self, message: MessageProxy) -> None:
-        try:
-            super().ack(message)  # type: ignore[no-untyped-call]
-        finally:
-            self.wake.set()
+        self._settle("ack", message)
 
     def nack(self, message: MessageProxy) -> None:
+        self._settle("nack", message)
+
+    def _settle(self, command: str, message: MessageProxy) -> None:
+        """Ack or nack message, waiting out transient Redis errors; leave it unacknowledged on any other.
+
+        Stock Dramatiq retries only on a lost connection: an error reply (OOM, READONLY) is logged as a bug and
+        the message stays in this worker's acks, neither done nor dead-lettered, until the worker restarts.
+        """
+        broker = self.broker
+        assert isinstance(broker, WhiskyPayRedisBroker)
+        what = f"{'acknowledging' if command == 'ack' else 'dead-lettering'} message {message.message_id} " \
+               f"on {self.queue_name!r}"
         try:
-            super().nack(message)  # type: ignore[no-untyped-call]
+            if broker.is_held(message):
+                self.logger.error("Not %s: its retry could not be written, so it stays with this worker and comes "
+                                  "back when the worker is restarted.", what)
+                return
+            dispatch = broker.do_ack if command == "ack" else broker.do_nack
+            redis_id = message.options["redis_message_id"]
+            call_through_transient(lambda: dispatch(self.queue_name, redis_id), what=what, logger=self.logger)
+        except redis.RedisError as exc:
+            broker.halt(exc, what=what)  # it stays in this worker's acks: redelivered after a restart
         finally:
+            self.queued_message_ids.discard(message.message_id)
             self.wake.set()
 
     def close(self) -> None:
@@ -390,6 +594,12 @@ class _WakingConsumer(_RedisConsumer):
                 try:
                     data = self.message_cache.pop(0)
                 except IndexError:
+                    if self.broker.halted.is_set():
+                        # A configuration error stopped this worker: take nothing more, but keep the heartbeat
+                        # (a fetch of none), so the messages it holds are not handed to another worker meanwhile.
+                        self.broker.do_fetch(self.queue_name, 0)
+                        self.wake.wait(self.timeout / 1000)
+                        return None
                     self.wake.clear()  # before the fetch: a publish that lands after it is not missed
                     messages = []
                     if self.outstanding_message_count < self.prefetch:
@@ -415,11 +625,14 @@ class _WakingConsumer(_RedisConsumer):
                     continue
                 self.queued_message_ids.add(message.message_id)
                 return MessageProxy(message)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            # Stock Dramatiq raises ConnectionClosed here, and its consumer thread then throws away the retries
-            # it holds in memory while their acks stay with this (alive) worker: maintenance never requeues
-            # them. Waiting out the outage instead keeps them; redis-py reconnects on the next call.
-            self.logger.warning("Redis unreachable while consuming %r (%s); retrying.", self.queue_name,
-                                type(exc).__name__)
+        except redis.RedisError as exc:
+            # Stock Dramatiq raises ConnectionClosed here (or restarts the consumer on an error reply), and its
+            # consumer thread then throws away the retries it holds in memory while their acks stay with this
+            # (alive) worker: maintenance never requeues them. Waiting out the outage instead keeps them; redis-py
+            # reconnects on the next call. A configuration error stops taking messages instead (see halt).
+            if classify_redis_error(exc) == "transient":
+                self.logger.warning("Redis refused a fetch on %r (%s); retrying.", self.queue_name, describe(exc))
+            elif not self.broker.halted.is_set():
+                self.broker.halt(exc, what=f"fetching messages from {self.queue_name!r}")
             self.wake.wait(self.timeout / 1000)
             return None
