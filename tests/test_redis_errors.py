@@ -24,6 +24,7 @@ def reply(text: str) -> redis.RedisError:
         (redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused."), "transient", ""),
         (redis.TimeoutError("Timeout reading from socket"), "transient", ""),
         (ConnectionResetError(104, "Connection reset by peer"), "transient", ""),
+        (redis.exceptions.InvalidResponse("Protocol Error: b'\\x00'"), "transient", ""),
         (reply("LOADING Redis is loading the dataset in memory"), "transient", "LOADING"),
         (reply("READONLY You can't write against a read only replica. script: 0a1b, on @user_script:1."),
          "transient", "READONLY"),

@@ -1,9 +1,10 @@
 """One classification of Redis errors, for every caller: wait out a transient error, stop on a configuration error.
 
     transient      the same call succeeds once Redis recovers: wait and call again
-      connection refused, reset or lost; a socket timeout; LOADING (a restart reading its data set);
-      READONLY (a failover: this node became a replica); BUSY (another client's long script);
-      OOM (maxmemory reached under `noeviction`); TRYAGAIN, MASTERDOWN, CLUSTERDOWN
+      connection refused, reset or lost; a socket timeout; a reply cut short (InvalidResponse);
+      LOADING (a restart reading its data set); READONLY (a failover: this node became a replica);
+      BUSY (another client's long script); OOM (maxmemory reached under `noeviction`); TRYAGAIN, MASTERDOWN,
+      CLUSTERDOWN
     configuration  no retry can fix it: report it to Sentry and the log, and stop consuming
       NOPERM and an ACL denial inside a script ("ERR The user executing the script can't run this command"),
       NOAUTH / WRONGPASS, WRONGTYPE (another program wrote to one of our keys), an unknown command, and every
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from typing import Literal, TypeVar
 
 import redis
-from redis.exceptions import AuthorizationError, NoPermissionError
+from redis.exceptions import AuthorizationError, InvalidResponse, NoPermissionError
 
 T = TypeVar("T")
 
@@ -55,8 +56,8 @@ def classify_redis_error(exc: BaseException) -> RedisErrorKind:
     """Return "transient" (wait and retry) or "configuration" (report and stop) for an error from redis-py."""
     if isinstance(exc, redis.AuthenticationError | AuthorizationError | NoPermissionError):
         return "configuration"  # AuthenticationError is a ConnectionError subclass: decide it first
-    if isinstance(exc, redis.ConnectionError | redis.TimeoutError | ConnectionError | TimeoutError):
-        return "transient"  # BusyLoadingError (LOADING) is a ConnectionError too
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError | InvalidResponse | ConnectionError | TimeoutError):
+        return "transient"  # BusyLoadingError (LOADING) is a ConnectionError too; InvalidResponse: a cut reply
     if isinstance(exc, redis.ResponseError) and error_code(exc) in TRANSIENT_CODES:
         return "transient"
     return "configuration"
