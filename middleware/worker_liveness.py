@@ -95,6 +95,8 @@ class WorkerLiveness(Middleware):
         beat = WorkerBeat(
             pid=os.getpid(), master_pid=os.getppid(), at=self.clock(),
             threads=int(worker.worker_threads) if worker is not None else 0, busy=busy, consuming=consuming,
+            # WhiskyPayRedisBroker.halt: a Redis configuration error stopped the consumers (readiness fails).
+            halted=str(getattr(worker.broker, "halt_reason", "")) if worker is not None else "",
         )
         write_beat(self.state_dir, beat)
 

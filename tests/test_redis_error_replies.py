@@ -251,11 +251,16 @@ def test_an_ack_refused_by_redis_goes_through_once_redis_accepts_writes(server, 
 
 
 def test_a_retry_redis_refuses_for_good_is_reported_and_the_worker_stops_but_keeps_the_message(
-    server, admin, sentry: FakeSentry, caplog
+    server, admin, sentry: FakeSentry, caplog, tmp_path
 ):
+    from middleware.worker_liveness import WorkerLiveness
+    from whiskypay.worker_health import assess_workers, read_beats
+
     # Given a worker whose Redis user may not run HSET (so it can fetch and ack, but not enqueue a retry)
     admin.execute_command("ACL", "SETUSER", "worker", "on", ">pw", "~*", "&*", "+@all", "-hset")
     broker = make_broker(server.url.replace("redis://", "redis://worker:pw@"))
+    liveness = WorkerLiveness(state_dir=str(tmp_path), beat_interval_s=60)
+    broker.add_middleware(liveness)
     producer = make_broker(server.url)
     attempts: list[float] = []
 
@@ -276,6 +281,11 @@ def test_a_retry_redis_refuses_for_good_is_reported_and_the_worker_stops_but_kee
         time.sleep(0.6)
         assert admin.llen(f"{NS}:{QUEUE}") == 1
         assert len(attempts) == 1 and broker.halted.is_set()
+        # And its readiness check fails, saying why
+        liveness.beat()
+        ready, why = assess_workers(read_beats(str(tmp_path)), now=time.time(), heartbeat_timeout_s=60,
+                                    need_consumers=True)
+        assert not ready and "stopped taking messages: Redis refused enqueuing message" in why, why
         # And the log and Sentry got the error once, with what to do about it
         events = wait_until(sentry.events, timeout_s=5, what="the Sentry event")
     assert len(events) == 1 and events[0]["tags"]["redis_error"] == "NOPERM"

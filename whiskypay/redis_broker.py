@@ -259,6 +259,8 @@ class WhiskyPayRedisBroker(RedisBroker):
         self.scripts["whiskypay_release"] = self.client.register_script(RELEASE_LUA)
         #: Set once a Redis configuration error made this worker stop taking messages (see `halt`).
         self.halted = threading.Event()
+        #: What halted it, for the health checks ("Redis refused ...: NoPermissionError ..."); "" while it runs.
+        self.halt_reason = ""
         self._halt_lock = threading.Lock()
         #: Ids of messages whose retry, deferral or delayed move could not be written: never acked nor nacked.
         self._held: set[str] = set()
@@ -469,10 +471,14 @@ class WhiskyPayRedisBroker(RedisBroker):
         """Stop taking messages after a Redis configuration error; report it (Sentry and the log) once.
 
         Consumers stop fetching (they keep the worker's heartbeat, so no other worker takes over the messages this
-        one holds while it may still be working on them); acks and nacks of messages already taken go on.
+        one holds while it may still be working on them); acks and nacks of messages already taken go on. The
+        worker's liveness file carries halt_reason, so its readiness check (/readyz, `whiskypay health --worker`)
+        fails with it.
         """
         with self._halt_lock:
             first = not self.halted.is_set()
+            if first:
+                self.halt_reason = f"Redis refused {what} ({describe(exc)})"
             self.halted.set()
         if first:
             report_configuration_error(

@@ -38,6 +38,7 @@ class WorkerBeat:
       threads: The process's worker threads.
       busy: For each thread processing a message: (started at, unix seconds; that message's time limit, ms).
       consuming: The queues whose consumer thread runs.
+      halted: Why the process stopped taking messages (a Redis configuration error), or "" while it takes them.
     """
 
     pid: int
@@ -46,6 +47,7 @@ class WorkerBeat:
     threads: int
     busy: tuple[tuple[float, int], ...] = ()
     consuming: tuple[str, ...] = field(default=())
+    halted: str = ""
 
     def stuck(self, now: float) -> int:
         """Return how many threads have been on one message longer than its time limit."""
@@ -100,6 +102,7 @@ def read_beats(directory: str) -> list[WorkerBeat]:
                 pid=int(raw["pid"]), master_pid=int(raw["master_pid"]), at=float(raw["at"]),
                 threads=int(raw["threads"]), busy=tuple((float(s), int(limit)) for s, limit in raw.get("busy", ())),
                 consuming=tuple(str(queue) for queue in raw.get("consuming", ())),
+                halted=str(raw.get("halted", "")),
             )
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -135,7 +138,11 @@ def assess_workers(
         longest = max(now - started for started, _ in beat.busy)
         return False, (f"all {beat.threads} thread(s) of worker process {beat.pid} are stuck past their time limit "
                        f"(the longest has been on one message for {longest:.0f} s)")
-    if need_consumers and not any(beat.consuming for beat in healthy):
+    if need_consumers and not any(beat.consuming and not beat.halted for beat in healthy):
+        halted = next((beat for beat in healthy if beat.halted), None)
+        if halted is not None:
+            return False, (f"worker process {halted.pid} stopped taking messages: {halted.halted} (fix it, then "
+                           "restart the worker)")
         return False, "no consumer is running in the worker processes (they are starting, or stopping)"
     busy = sum(len(beat.busy) for beat in healthy)
     threads = sum(beat.threads for beat in healthy)
