@@ -47,3 +47,13 @@ def test_a_tiny_benchmark_run_writes_results_with_sane_numbers_for_both_sides(tm
         assert benchmarks["idle_cpu"][side]["median"] >= 0
         assert benchmarks["idle_redis"][side]["median"] >= 0
     assert benchmarks["throughput_1x8"]["met"] in (True, False)
+
+
+def test_the_replica_acks_benchmark_runs_both_settings() -> None:
+    # Given a tiny run of bench.replica_acks (a primary, its replica, 30 sends per setting)
+    command = [sys.executable, "-m", "bench.replica_acks", "--sends", "30", "--reps", "1"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+    # Then it prints a rate for each setting and their ratio
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "MIN_REPLICA_ACKS=0: " in done.stdout and "MIN_REPLICA_ACKS=1: " in done.stdout
+    assert "x the sends per second with WAIT 1" in done.stdout
