@@ -92,6 +92,9 @@ def render(results: dict[str, Any]) -> str:
         if share:
             ours += f", {share['ours']:.0%} of limit"
             bare += f", {share['bare']:.0%} of limit"
+        deferred = sum(entry.get("deferred", {}).get("ours", []))
+        if deferred:
+            ours += f", {deferred:,} deliveries deferred by the slow-server cap"
         rows.append(
             f"| {title(name, results)} | {entry['unit']} | {ours} | {bare} | {ratio} | {entry['target']} | {verdict} |"
         )
