@@ -62,7 +62,13 @@ from whiskypay import keys
 from whiskypay.errors import DuplicateEvent, InvalidPayload, NotReplicated
 from whiskypay.outcomes import failure_options
 from whiskypay.redaction import masked_sample
-from whiskypay.redis_errors import call_through_transient, classify_redis_error, describe, report_configuration_error
+from whiskypay.redis_errors import (
+    LOG_EVERY,
+    call_through_transient,
+    classify_redis_error,
+    describe,
+    report_configuration_error,
+)
 
 #: Maintenance requeues dead workers' messages; ack and nack never trigger it (as in Dramatiq).
 _NO_MAINTENANCE = frozenset({"ack", "nack"})
@@ -542,6 +548,8 @@ class _WakingConsumer(_RedisConsumer):
     def __init__(self, broker: WhiskyPayRedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
         self.wake = threading.Event()
+        #: Fetches refused in a row (transient Redis errors), to log the first and then every LOG_EVERY-th.
+        self.refusals = 0
         broker.waker.register(queue_name, self.wake)
 
     def ack(self, message: MessageProxy) -> None:
@@ -612,6 +620,7 @@ class _WakingConsumer(_RedisConsumer):
                         self.message_cache = messages = self.broker.do_fetch(
                             self.queue_name, self.prefetch - self.outstanding_message_count
                         )
+                    self.refusals = 0
                     if not messages:
                         # Waiting the whole timeout is safe: enqueues and acks wake us, so the progressive
                         # backoff Dramatiq uses to notice new messages soon is not needed.
@@ -637,7 +646,9 @@ class _WakingConsumer(_RedisConsumer):
             # (alive) worker: maintenance never requeues them. Waiting out the outage instead keeps them; redis-py
             # reconnects on the next call. A configuration error stops taking messages instead (see halt).
             if classify_redis_error(exc) == "transient":
-                self.logger.warning("Redis refused a fetch on %r (%s); retrying.", self.queue_name, describe(exc))
+                self.refusals += 1
+                if self.refusals % LOG_EVERY == 1:  # the first, then every LOG_EVERY-th: a poll every timeout
+                    self.logger.warning("Redis refused a fetch on %r (%s); retrying.", self.queue_name, describe(exc))
             elif not self.broker.halted.is_set():
                 self.broker.halt(exc, what=f"fetching messages from {self.queue_name!r}")
             self.wake.wait(self.timeout / 1000)
