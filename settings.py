@@ -206,6 +206,16 @@ class Settings(BaseSettings):
     #: A second send() with the same event_id within this window enqueues nothing, in seconds.
     idempotency_window_s: int = Field(default=24 * 3600, gt=0)
 
+    # Merchant breakers (middleware/merchant_breakers.py).
+    #: A merchant whose last this many attempts all failed (5xx, 408, 429, timeouts, connection errors) is tripped.
+    breaker_failures: int = Field(default=10, ge=1)
+    #: An open breaker sends one probe (its oldest parked callback) this often, in milliseconds.
+    breaker_probe_interval_ms: int = Field(default=60_000, ge=100, le=MAX_DELAY_MS)
+    #: Once a breaker closes, its parked callbacks go back to the queue at most this many per second.
+    breaker_release_rate: float = Field(default=50.0, gt=0, le=10_000)
+    #: A callback parked longer than this is dead-lettered, in milliseconds (default 3 days).
+    park_max_ms: int = Field(default=3 * 24 * 3600 * 1000, gt=0)
+
     # Email.
     smtp_host: str = "127.0.0.1"
     smtp_port: int = Field(default=25, gt=0, lt=65536)
@@ -243,6 +253,8 @@ class Settings(BaseSettings):
     #: Where each worker process keeps its liveness file (read by `whiskypay health --worker`, /healthz, /readyz);
     #: `$TMPDIR/whiskypay-workers` when unset.
     worker_state_dir: str | None = None
+    #: The health check reports a merchant breaker open longer than this, in seconds (once per outage).
+    health_breaker_open_s: int = Field(default=3600, gt=0)
 
     # Metrics.
     #: Serve Prometheus metrics from every `dramatiq actors` master (Dramatiq's plus whiskypay_deliveries_*).

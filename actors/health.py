@@ -18,6 +18,8 @@ from dramatiq.middleware import CurrentMessage
 from periodiq import cron
 
 from settings import get_settings
+from whiskypay.breakers import BreakerStore
+from whiskypay.merchants import open_longer_than
 from whiskypay.queue_health import Incident, assess, load_state, save_state, take_tick, tick_of
 from whiskypay.queue_stats import queue_counts
 from whiskypay.queues import Queue
@@ -49,6 +51,37 @@ def report(incident: Incident) -> None:
         scope.set_tag("kind", incident.kind)
         scope.fingerprint = ["check_queue_health", incident.queue, incident.kind]
         sentry_sdk.capture_message(incident.summary, level="error")
+
+
+def check_breakers(client: Any, namespace: str, tick: str, *, limit_ms: int) -> None:
+    """Log the merchant breakers and report each one open longer than limit_ms to Sentry, once per outage."""
+    store = BreakerStore(client, namespace)
+    breakers = store.snapshot()
+    now_ms = int(time.time() * 1000)
+    long_open = open_longer_than(list(breakers.values()), now_ms=now_ms, limit_ms=limit_ms)
+    logger.info(
+        "merchant breakers tick=%s open=%d parked=%d open_over_limit=%s", tick,
+        sum(1 for breaker in breakers.values() if breaker.state == "open"),
+        sum(breaker.parked for breaker in breakers.values()),
+        ",".join(breaker.merchant for breaker in long_open) or "-",
+    )
+    for breaker in long_open:
+        assert breaker.since_ms is not None
+        summary = (
+            f"merchant {breaker.merchant}: breaker open for {(now_ms - breaker.since_ms) // 60_000} min, over the "
+            f"{limit_ms // 1000} s limit (WHISKYPAY_HEALTH_BREAKER_OPEN_S); {breaker.parked} callback(s) parked"
+            + (" (held by an operator)" if breaker.held else f"; last error: {breaker.last_error or '-'}")
+        )
+        logger.warning("Incident: %s", summary)
+        if store.first_health_report(breaker.merchant, breaker.since_ms):
+            import sentry_sdk  # loaded at first use, like report()
+
+            with sentry_sdk.new_scope() as scope:
+                scope.set_tag("merchant", breaker.merchant)
+                scope.set_tag("host", breaker.host or "-")
+                scope.set_tag("kind", "breaker_open")
+                scope.fingerprint = ["check_queue_health", "breaker_open", breaker.merchant]
+                sentry_sdk.capture_message(summary, level="error")
 
 
 @dramatiq.actor(
@@ -97,6 +130,7 @@ def check_queue_health() -> None:
             for incident in opened:
                 logger.warning("Incident opened: %s", incident.summary)
                 report(incident)
+        check_breakers(client, namespace, tick, limit_ms=settings.health_breaker_open_s * 1000)
     except Exception:
         capture_checkin(
             monitor_slug=MONITOR_SLUG, check_in_id=checkin_id, status=MonitorStatus.ERROR,

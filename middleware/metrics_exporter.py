@@ -63,15 +63,20 @@ class QueueGauge:
 class QueueGauges:
     """A Prometheus collector that reads the queues' gauges from Redis at each scrape.
 
-    whiskypay_queue_oldest_waiting_seconds{queue} (0 when nothing waits), whiskypay_dead_letters{queue}, and
-    whiskypay_redis_up (0 when the read failed: the gauges are then left out rather than reported as zero).
+    whiskypay_queue_oldest_waiting_seconds{queue} (0 when nothing waits), whiskypay_dead_letters{queue}, the
+    merchant breakers' whiskypay_breakers_open and whiskypay_parked_callbacks, and whiskypay_redis_up (0 when the
+    read failed: the gauges are then left out rather than reported as zero).
 
     Parameters:
       read: Returns every queue's QueueGauge; raises when Redis cannot be read.
+      read_breakers: Returns (merchants whose breaker is open, callbacks parked); raises when Redis cannot be read.
     """
 
-    def __init__(self, read: Callable[[], list[QueueGauge]]) -> None:
+    def __init__(
+        self, read: Callable[[], list[QueueGauge]], read_breakers: Callable[[], tuple[int, int]] | None = None
+    ) -> None:
         self.read = read
+        self.read_breakers = read_breakers
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
@@ -79,6 +84,7 @@ class QueueGauges:
         up = GaugeMetricFamily("whiskypay_redis_up", "1 if the last scrape could read the queues from Redis.")
         try:
             gauges = self.read()
+            breakers = self.read_breakers() if self.read_breakers is not None else None
         except Exception as exc:  # a scrape must answer: report Redis as down instead of failing the page
             get_logger(__name__, type(self)).debug("Cannot read the queue gauges (%s).", type(exc).__name__)
             up.add_metric([], 0)
@@ -95,6 +101,13 @@ class QueueGauges:
             dead.add_metric([gauge.queue], gauge.dead_letters)
         yield oldest
         yield dead
+        if breakers is not None:
+            opened = GaugeMetricFamily("whiskypay_breakers_open", "Merchants whose breaker is open (callbacks parked).")
+            opened.add_metric([], breakers[0])
+            parked = GaugeMetricFamily("whiskypay_parked_callbacks", "Callbacks parked, waiting for their merchant.")
+            parked.add_metric([], breakers[1])
+            yield opened
+            yield parked
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):

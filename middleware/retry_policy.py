@@ -22,7 +22,7 @@ from dramatiq.common import q_name
 from dramatiq.logging import get_logger
 
 from whiskypay.errors import Deferred, DeferredTooLong, HttpStatusError
-from whiskypay.outcomes import record_failure
+from whiskypay.outcomes import classify, record_failure
 from whiskypay.queues import Queue
 from whiskypay.redaction import describe_message
 from whiskypay.retrying import DEFAULT_POLICIES, RetryPolicy
@@ -92,6 +92,8 @@ class QueueRetryPolicy(Middleware):
         if isinstance(exception, Deferred):
             self._defer(broker, message, exception)
             return
+        if classify(message, exception).disposition == "parked":
+            return  # MerchantBreakers put it in its merchant's parked list: no retry, no attempt counted
         # An attempt was made: a later deferral starts a new bounded wait.
         message.options.pop("deferred_since", None)
         message.options.pop("deferrals", None)

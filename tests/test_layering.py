@@ -32,12 +32,12 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "whiskypay/delivery.py", "whiskypay/smtp.py", "whiskypay/netguard.py", "whiskypay/redis_broker.py",
         "whiskypay/dead_letters.py", "whiskypay/queue_stats.py", "whiskypay/queue_health.py",
         "whiskypay/redis_errors.py", "whiskypay/deadline.py", "whiskypay/redis_durability.py",
-        "whiskypay/worker_health.py",
+        "whiskypay/worker_health.py", "whiskypay/breakers.py",
     )),
     ("pure", (
         "whiskypay/signing.py", "whiskypay/retrying.py", "whiskypay/schemas.py", "whiskypay/mail.py",
         "whiskypay/redaction.py", "whiskypay/keys.py", "whiskypay/outcomes.py", "whiskypay/queues.py",
-        "whiskypay/ed25519.py",
+        "whiskypay/ed25519.py", "whiskypay/merchants.py",
     )),
     ("ground", ("whiskypay/errors.py", "whiskypay/__init__.py")),
 )  # fmt: skip

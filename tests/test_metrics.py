@@ -69,6 +69,8 @@ def test_a_worker_serves_delivery_counts_and_times_after_deliveries(
     assert deliveries(samples, "retried") == 2
     assert samples[("whiskypay_delivery_seconds_count", (("queue", "callbackQueue"),))] == 5
     assert samples[("whiskypay_delivery_seconds_sum", (("queue", "callbackQueue"),))] > 0
+    # And the merchant breakers' gauges (one failure is no outage: nothing open, nothing parked)
+    assert samples[("whiskypay_breakers_open", ())] == 0 and samples[("whiskypay_parked_callbacks", ())] == 0
     # And Dramatiq's own metrics are there too
     assert samples[("dramatiq_messages_total", (("actor_name", "send_callback"), ("queue_name", "callbackQueue")))] == 5
     assert f"Serving Prometheus metrics on 127.0.0.1:{port}" in worker.log()

@@ -22,7 +22,7 @@ from whiskypay.errors import Deferred
 from whiskypay.outcomes import METRIC_OUTCOMES
 
 QUEUE = "q"
-DELIVERED, RETRIED, DEAD_LETTERED, DEFERRED = METRIC_OUTCOMES
+DELIVERED, RETRIED, DEAD_LETTERED, PARKED, DEFERRED = METRIC_OUTCOMES
 
 
 class FailUnprocessed(Middleware):

@@ -247,11 +247,11 @@ def test_status_counts_waiting_messages_without_workers(redis_client, receiver, 
     # Then three wait on callbackQueue, nothing else is counted yet
     assert code == 0
     assert queues["callbackQueue"] == {"waiting": 3, "delayed": 0, "in_flight": 0, "dead_lettered": 0,
-                                       "completed": 0, "failed": 0, "counting_since": None}
+                                       "completed": 0, "failed": 0, "parked": 0, "counting_since": None}
     assert queues["emailQueue"]["waiting"] == 0
     header, *rows = out.splitlines()
     assert header.split() == ["QUEUE", "WAITING", "DELAYED", "IN", "FLIGHT", "DEAD-LETTERED", "COMPLETED",
-                              "FAILED", "COUNTING", "SINCE"]
+                              "FAILED", "PARKED", "COUNTING", "SINCE"]
     by_queue = {row.split()[0]: row for row in rows}
     assert by_queue["callbackQueue"].split()[:7] == ["callbackQueue", "3", "0", "0", "0", "0", "0"]
     assert by_queue["callbackQueue"].endswith("not started") and "emailQueue" in by_queue
@@ -340,9 +340,15 @@ def test_a_redis_that_never_answers_fails_within_the_redis_timeout(worker_env) -
 
 def dead_letter_callbacks(receiver: HttpReceiver, start_workers: Any, env: dict[str, str], redis_client: redis.Redis,
                           count: int, *, attempts: int) -> tuple[Any, list[str]]:
-    """Send count callbacks to a 503 path and wait until all are dead-lettered; return (workers, message ids)."""
+    """Send count callbacks to a 503 path and wait until all are dead-lettered; return (workers, message ids).
+
+    The merchant's breaker would open after 10 failures in a row and park the rest: these tests need dead letters,
+    so the threshold is above count * attempts.
+    """
     receiver.respond("/hook", Response(503))
-    worker = start_workers("--queues", "callbackQueue", env={**env, "WHISKYPAY_CALLBACK_ATTEMPTS": str(attempts)})
+    worker = start_workers("--queues", "callbackQueue", env={
+        **env, "WHISKYPAY_CALLBACK_ATTEMPTS": str(attempts), "WHISKYPAY_BREAKER_FAILURES": str(count * attempts + 1)
+    })
     ids = [pay(receiver) for _ in range(count)]
     wait_until(lambda: xq_size(redis_client) == count, what=f"{count} dead letters")
     assert len(receiver.requests("/hook")) == count * attempts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -297,3 +298,35 @@ def test_periodiq_sends_the_health_check_at_start_and_a_second_scheduler_does_no
     for log in (log_a, log_b):
         assert "check_queue_health@maintenanceQueue" in log.read_text()
     assert os.environ.get("WHISKYPAY_SENTRY_DSN") is None  # no events leave the machine from this test
+
+
+def test_a_breaker_open_longer_than_the_limit_is_reported_once_per_outage(broker, redis_client, sentry, caplog):
+    from actors import check_queue_health
+
+    caplog.set_level(logging.INFO, logger="actors.health")
+    from whiskypay.breakers import BreakerStore
+
+    # Given a merchant held open two hours ago (over the default 3600 s) and one opened just now
+    store = BreakerStore(redis_client, NS)
+    store.operate("m_long", "open", queue="callbackQueue")
+    store.operate("m_new", "open", queue="callbackQueue")
+    two_hours_ago = int(time.time() * 1000) - 7_200_000
+    redis_client.hset(f"{NS}:whiskypay.breaker:m_long", "since", two_hours_ago)
+    # When the health check runs in two successive minutes
+    check_queue_health()
+    next_minute(redis_client)
+    check_queue_health()
+    # Then the long one was reported once, tagged with the merchant; the new one not at all
+    events = [e for e in sentry.items("event") if e["tags"].get("kind") == "breaker_open"]
+    assert [(e["tags"]["merchant"], e["fingerprint"]) for e in events] == [
+        ("m_long", ["check_queue_health", "breaker_open", "m_long"])
+    ]
+    assert "breaker open for 120 min, over the 3600 s limit (WHISKYPAY_HEALTH_BREAKER_OPEN_S)" in events[0]["message"]
+    assert "open=2 parked=0 open_over_limit=m_long" in caplog.text
+    # And a new outage of the same merchant (opened again later) is a new report
+    store.operate("m_long", "close", queue="callbackQueue")
+    store.operate("m_long", "open", queue="callbackQueue")
+    redis_client.hset(f"{NS}:whiskypay.breaker:m_long", "since", two_hours_ago + 1)
+    next_minute(redis_client)
+    check_queue_health()
+    assert len([e for e in sentry.items("event") if e["tags"].get("kind") == "breaker_open"]) == 2

@@ -19,6 +19,7 @@ from middleware.dead_letters import DeadLetterReasons
 from middleware.durable_redis import DurableRedis
 from middleware.http_client import HttpClients
 from middleware.idempotency import IdempotentEnqueue
+from middleware.merchant_breakers import MerchantBreakers
 from middleware.outcome_counters import OutcomeCounters
 from middleware.retry_policy import QueueRetryPolicy
 from middleware.sentry import SentryReporting
@@ -173,6 +174,18 @@ def build_broker(settings: Settings) -> RedisBroker:
         from middleware.metrics_exporter import MetricsExporter
 
         middleware += [MetricsExporter(fork=serve_metrics), DeliveryMetrics(queues=(Queue.CALLBACKS, Queue.EMAIL))]
+    # Last of all, so its after_process_message runs first: it counts a merchant's failure and parks the callback
+    # (marked `parked`) before QueueRetryPolicy decides, which then leaves a parked callback alone. Its
+    # before_process_message runs after every other one (an invalid message is dead-lettered before it is parked).
+    middleware.append(
+        MerchantBreakers(
+            failures=settings.breaker_failures,
+            probe_interval_ms=settings.breaker_probe_interval_ms,
+            release_rate=settings.breaker_release_rate,
+            park_max_ms=settings.park_max_ms,
+            callback_queue=Queue.CALLBACKS,
+        )
+    )
     install_log_redaction(list(Queue))
     return WhiskyPayRedisBroker(
         client=redis_client(settings),
@@ -195,6 +208,7 @@ def serve_metrics() -> int:
     look at this master's worker processes only (the fork is their sibling: same parent).
     """
     from middleware.metrics_exporter import QueueGauge, QueueGauges, serve_metrics_on
+    from whiskypay.breakers import BreakerStore
     from whiskypay.queue_stats import queue_counts
 
     settings = get_settings()
@@ -210,6 +224,10 @@ def serve_metrics() -> int:
             gauges.append(QueueGauge(queue=str(queue), oldest_wait_s=wait_s, dead_letters=counts.dead_letters))
         return gauges
 
+    def read_breakers() -> tuple[int, int]:
+        breakers = BreakerStore(client, settings.namespace).snapshot().values()
+        return sum(1 for b in breakers if b.state == "open"), sum(b.parked for b in breakers)
+
     def liveness() -> tuple[bool, str]:
         return assess_workers(read_beats(directory), now=time.time(), heartbeat_timeout_s=timeout_s,
                               master_pid=os.getppid())
@@ -222,7 +240,7 @@ def serve_metrics() -> int:
         return assess_workers(read_beats(directory), now=time.time(), heartbeat_timeout_s=timeout_s,
                               master_pid=os.getppid(), need_consumers=True)
 
-    return serve_metrics_on(settings.metrics_port, gauges=QueueGauges(read_gauges), liveness=liveness,
+    return serve_metrics_on(settings.metrics_port, gauges=QueueGauges(read_gauges, read_breakers), liveness=liveness,
                             readiness=readiness)
 
 

@@ -16,12 +16,15 @@
     │   └── SmtpPermanentError    the SMTP server answered 5xx
     ├── Deferred                  not a failure: run this message later, without counting an attempt
     ├── DeferredTooLong           deferred longer than WHISKYPAY_MAX_DEFERRAL_S: dead-lettered unattempted
+    ├── Parked                    not attempted: its merchant's breaker is open, it waits in the parked list
+    ├── ParkLimitExceeded         a callback stayed parked past WHISKYPAY_PARK_MAX_MS (so it was dead-lettered)
     ├── DeliveryError             one webhook attempt failed; retried by the queue's policy
     │   └── HttpStatusError       the merchant answered something other than 2xx
     └── SmtpTemporaryError        an SMTP 4xx reply or a lost connection; retried
 
-The three MiddlewareErrors follow Dramatiq's contract: raised from a `before_*` hook, they make `send()`
-(or the worker's start) fail, where any other exception would be logged and ignored. Deferred,
+The MiddlewareErrors follow Dramatiq's contract: raised from a `before_*` hook, they make `send()` (or the
+worker's start) fail, where any other exception would be logged and ignored; Parked is one too, so that raised
+in `before_process_message` it stops the message before the actor runs. Deferred, Parked,
 DeliveryError and SmtpTemporaryError are also Dramatiq `Retry`s (with no delay of their own): an expected,
 retryable failure is logged as one line by the actor instead of a traceback per attempt by the worker.
 
@@ -156,3 +159,16 @@ class HttpStatusError(DeliveryError):
 
 class SmtpTemporaryError(WhiskyPayError, Retry):
     """An SMTP 4xx reply, a timeout or a dropped connection: worth another attempt."""
+
+
+class Parked(WhiskyPayError, Retry, MiddlewareError):
+    """The callback's merchant is unreachable (its breaker is open): it is parked, not attempted, no attempt counted.
+
+    MerchantBreakers raises it from `before_process_message` (a MiddlewareError, so Dramatiq does not swallow it,
+    and a Retry, so the worker logs no traceback); the message is already in its merchant's parked list, and
+    QueueRetryPolicy leaves it alone.
+    """
+
+
+class ParkLimitExceeded(WhiskyPayError):
+    """A callback stayed parked longer than WHISKYPAY_PARK_MAX_MS: dead-lettered with this as its reason."""

@@ -27,6 +27,20 @@ Ours:
   ns:whiskypay.health.tick:T   string: one run's lock of scheduled minute T ("2026-11-27T21:00Z")
   ns:wake:Q                    pub/sub channel: published by every enqueue on Q (redis_broker.ENQUEUE_LUA)
 
+Merchant breakers (`whiskypay.breakers`), merchant `M` (its merchant_id, else its callback host; always the last
+part of the key, so a merchant whose name holds ":" is still one key):
+
+  ns:whiskypay.breaker:M       hash: `state` (open|closed), `failures` (consecutive failed attempts), `since`,
+                               `last_error`, `host`, `queue`, `held` (1: opened by an operator), `next_probe_at`,
+                               `probe` (redis id of the probe in flight), `release_next`, `expire_next`,
+                               `reported_since`, `last_failure_at` (times in unix ms); a closed one with only a
+                               count and nothing parked expires a day after its last failure
+  ns:whiskypay.parked:M        zset of M's parked redis ids, score = the message's `message_timestamp` (oldest first)
+  ns:whiskypay.parked.msgs:M   hash redis id -> encoded message, for every member of the parked zset
+  ns:whiskypay.parked.at:M     zset of the same ids, score = when each was first parked (for WHISKYPAY_PARK_MAX_MS)
+  ns:whiskypay.breakers        set of every M with a breaker record (failures counted, open, or parked callbacks)
+  ns:breakers                  pub/sub channel: "<state> M" when M's breaker changes (the workers' local view)
+
 Functions take the queue name as given: a delay queue `Q.DQ` is a queue of its own, except for the outcome
 counters, which count a delay queue's messages as its queue's.
 """
@@ -148,3 +162,33 @@ def health_tick(namespace: str, tick: str) -> str:
 def wake_channel(namespace: str, queue_name: str) -> str:
     """Return the pub/sub channel every enqueue on queue_name publishes to."""
     return f"{namespace}:wake:{queue_name}"
+
+
+def breaker(namespace: str, merchant: str) -> str:
+    """Return the hash of merchant's breaker (state, failures, since, probe and release times...)."""
+    return f"{namespace}:{OURS}.breaker:{merchant}"
+
+
+def parked(namespace: str, merchant: str) -> str:
+    """Return the zset of merchant's parked redis ids, oldest message first."""
+    return f"{namespace}:{OURS}.parked:{merchant}"
+
+
+def parked_messages(namespace: str, merchant: str) -> str:
+    """Return the hash of merchant's parked messages (redis id -> encoded message)."""
+    return f"{namespace}:{OURS}.parked.msgs:{merchant}"
+
+
+def parked_at(namespace: str, merchant: str) -> str:
+    """Return the zset of merchant's parked redis ids scored by when each was first parked (unix ms)."""
+    return f"{namespace}:{OURS}.parked.at:{merchant}"
+
+
+def breaker_index(namespace: str) -> str:
+    """Return the set of merchants with a breaker record."""
+    return f"{namespace}:{OURS}.breakers"
+
+
+def breaker_channel(namespace: str) -> str:
+    """Return the pub/sub channel on which breaker changes are announced."""
+    return f"{namespace}:breakers"

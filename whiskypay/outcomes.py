@@ -7,10 +7,12 @@ An ATTEMPT's outcome:
 What FOLLOWS a failed attempt (its disposition):
   retried        enqueued again by its queue's retry policy
   dead_lettered  failed for good (retries spent, a `throws` error, an invalid message): in the dead-letter queue
-  parked         held back with its merchant's other messages, to run when the merchant recovers
+  parked         held back with its merchant's other messages, to run when the merchant recovers (its merchant's
+                 breaker is open; MerchantBreakers marks the message with the `parked` option); a callback parked
+                 without being attempted is `deferred` with disposition `parked`
 
 `classify` is the one place that decides them; `Outcome.label` is what `whiskypay_deliveries_total{outcome}`
-counts (delivered, retried, dead_lettered, deferred). The outcome counters of `whiskypay status` keep
+counts (delivered, retried, dead_lettered, parked, deferred). The outcome counters of `whiskypay status` keep
 their Redis fields (`completed` counts delivered messages, `failed` dead-lettered ones: see `whiskypay.keys`).
 `record_failure` is the one place that writes a failure onto a message (its `traceback` and
 `failure_class` options, kept in Redis with a dead letter and shown by `whiskypay failed`).
@@ -20,19 +22,22 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple, Protocol
 
-from whiskypay.errors import Deferred
+from whiskypay.errors import Deferred, Parked
 from whiskypay.redaction import error_summary, known_addresses
 
 AttemptOutcome = Literal["delivered", "failed", "deferred"]
 Disposition = Literal["retried", "dead_lettered", "parked"]
 
 #: The values of the `outcome` label of whiskypay_deliveries_total, in the order they are documented.
-METRIC_OUTCOMES = ("delivered", "retried", "dead_lettered", "deferred")
+METRIC_OUTCOMES = ("delivered", "retried", "dead_lettered", "parked", "deferred")
 
 
 class _Processed(Protocol):
     @property
     def failed(self) -> bool: ...
+
+    @property
+    def options(self) -> dict[str, Any]: ...
 
 
 class _WithOptions(Protocol):
@@ -48,8 +53,8 @@ class Outcome(NamedTuple):
 
     @property
     def label(self) -> str:
-        """The metric label: the disposition when there is one, else the attempt's outcome."""
-        return self.disposition or self.attempt
+        """The metric label: a failed attempt's disposition, else the attempt's outcome."""
+        return self.disposition if self.attempt == "failed" and self.disposition else self.attempt
 
 
 def classify(message: _Processed, exception: BaseException | None) -> Outcome:
@@ -63,8 +68,12 @@ def classify(message: _Processed, exception: BaseException | None) -> Outcome:
         return Outcome("failed", "dead_lettered")
     if exception is None:
         return Outcome("delivered")
+    if isinstance(exception, Parked):
+        return Outcome("deferred", "parked")
     if isinstance(exception, Deferred):
         return Outcome("deferred")
+    if message.options.get("parked"):
+        return Outcome("failed", "parked")
     return Outcome("failed", "retried")
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 from uuid import uuid4
@@ -164,6 +165,7 @@ class QueueWaker:
         self.client = client
         self.namespace = namespace
         self._events: dict[str, set[threading.Event]] = {}
+        self._handlers: dict[str, list[Callable[[bytes], None]]] = {}
         self._lock = threading.Lock()
         self._changed = threading.Event()
         self._stopped = threading.Event()
@@ -177,6 +179,23 @@ class QueueWaker:
         """Set event whenever a message is published to queue_name."""
         with self._lock:
             self._events.setdefault(self.channel(queue_name), set()).add(event)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="whiskypay-waker", daemon=True)
+                self._thread.start()
+        self._changed.set()
+
+    def listen(self, channel: str, handler: Callable[[bytes], None]) -> None:
+        """Call handler(data) in the subscriber thread for every message published on channel.
+
+        The handler must be quick and never block (it runs between wake-ups): the merchant breakers' local view
+        uses it to hear "<state> M" announcements.
+        """
+        with self._lock:
+            self._handlers.setdefault(channel, []).append(handler)
+        self._start()
+
+    def _start(self) -> None:
+        with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="whiskypay-waker", daemon=True)
                 self._thread.start()
@@ -205,7 +224,7 @@ class QueueWaker:
                 if self._changed.is_set() or not subscribed:
                     self._changed.clear()
                     with self._lock:
-                        wanted = set(self._events)
+                        wanted = set(self._events) | set(self._handlers)
                     if wanted - subscribed:
                         pubsub.subscribe(*(wanted - subscribed))
                         subscribed |= wanted
@@ -217,8 +236,14 @@ class QueueWaker:
                     channel = keys.text(message["channel"])
                     with self._lock:
                         events = list(self._events.get(channel, ()))
+                        handlers = list(self._handlers.get(channel, ()))
                     for event in events:
                         event.set()
+                    for handler in handlers:
+                        try:
+                            handler(message["data"])
+                        except Exception:  # a handler's bug must not stop the wake-ups
+                            self.logger.exception("Pub/sub handler for %r failed.", channel)
             except (redis.RedisError, OSError, ValueError) as exc:
                 # Redis restarting or unreachable: consumers fall back to polling until we are back.
                 self.logger.debug("Wake-up subscriber lost Redis (%s); reconnecting.", type(exc).__name__)

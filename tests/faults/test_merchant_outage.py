@@ -1,5 +1,6 @@
-"""Fault: a merchant answering 503 for a while: shorter than the retry schedule, each webhook is accepted once;
-longer, they are dead-lettered (one Sentry event each) and `whiskypay retry` re-drives them under the same ids."""
+"""Fault: a merchant answering 503 for a while, with its breaker out of the way (see test_merchant_breaker.py for
+the breaker): shorter than the retry schedule, each webhook is accepted once; longer, they are dead-lettered (one
+Sentry event each) and `whiskypay retry` re-drives them under the same ids."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from tests.helpers import FakeSentry, dead_letters, wait_until
 from whiskypay.devstack import HttpReceiver, Received, Response
 
 pytestmark = pytest.mark.e2e
+
+#: These tests are about the retry schedule alone (test_merchant_breaker.py is about breakers): 50 callbacks
+#: failing in a row would trip the merchant's breaker at 10 and park the rest, so the threshold is above their
+#: 250 attempts.
+NO_BREAKER = {"WHISKYPAY_BREAKER_FAILURES": "1000"}
 
 
 class Outage:
@@ -62,7 +68,8 @@ def test_a_merchant_outage_shorter_than_the_schedule_delivers_everything_exactly
     outage = Outage(length_s=2.0)
     receiver.set_handler("/hook", outage)
     worker = start_workers(
-        env={**env, **sentry_env(sentry), "WHISKYPAY_CALLBACK_ATTEMPTS": "5", "WHISKYPAY_CALLBACK_BACKOFF_MS": "300"},
+        env={**env, **sentry_env(sentry), "WHISKYPAY_CALLBACK_ATTEMPTS": "5", "WHISKYPAY_CALLBACK_BACKOFF_MS": "300",
+             **NO_BREAKER},
         threads=4,
     )
     # When 50 payments are sent
@@ -98,7 +105,8 @@ def test_a_merchant_outage_longer_than_the_schedule_dead_letters_and_retry_redel
     outage = Outage(length_s=None)
     receiver.set_handler("/hook", outage)
     worker = start_workers(
-        env={**env, **sentry_env(sentry), "WHISKYPAY_CALLBACK_ATTEMPTS": "3", "WHISKYPAY_CALLBACK_BACKOFF_MS": "100"},
+        env={**env, **sentry_env(sentry), "WHISKYPAY_CALLBACK_ATTEMPTS": "3", "WHISKYPAY_CALLBACK_BACKOFF_MS": "100",
+             **NO_BREAKER},
         threads=4,
     )
     # When 50 payments are sent, they are all dead-lettered with their reason and one Sentry event each

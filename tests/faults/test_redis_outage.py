@@ -46,7 +46,10 @@ def test_a_redis_outage_of_a_few_seconds_loses_no_scheduled_retry(
     report: Report,
 ) -> None:
     # Given 20 callbacks whose first attempt failed, their retries (due in 2 s) held in the worker's memory
-    renv = {**env, "WHISKYPAY_REDIS_URL": private_redis.url, "WHISKYPAY_CALLBACK_BACKOFF_MS": "2000"}
+    # 20 first attempts failing in a row would trip the merchant's breaker (10) and park the rest: this test is
+    # about retries held through a Redis outage, so its threshold is above 20.
+    renv = {**env, "WHISKYPAY_REDIS_URL": private_redis.url, "WHISKYPAY_CALLBACK_BACKOFF_MS": "2000",
+            "WHISKYPAY_BREAKER_FAILURES": "100"}
     merchant = FirstAttemptFails()
     receiver.set_handler("/hook", merchant)
     start_workers(env=renv, threads=4)
@@ -74,7 +77,9 @@ def test_an_attempt_that_fails_while_redis_is_down_is_still_retried(
     report: Report,
 ) -> None:
     # Given 10 first attempts that hang for 2 s and then fail
-    renv = {**env, "WHISKYPAY_REDIS_URL": private_redis.url, "WHISKYPAY_WEBHOOK_READ_TIMEOUT_S": "5"}
+    # 10 failures in a row would trip the merchant's breaker if Redis counted them: this test is about retries.
+    renv = {**env, "WHISKYPAY_REDIS_URL": private_redis.url, "WHISKYPAY_WEBHOOK_READ_TIMEOUT_S": "5",
+            "WHISKYPAY_BREAKER_FAILURES": "100"}
     merchant = FirstAttemptFails(delay_s=2.0)
     receiver.set_handler("/hook", merchant)
     start_workers(env=renv, threads=10)

@@ -43,7 +43,10 @@ def test_a_slow_merchant_gets_at_most_two_threads_and_the_fast_one_keeps_flowing
     request.addfinalizer(slow.stop)
     slow.respond("/slow", Response(status=200, delay_s=10))
     receiver.respond("/fast", Response(status=200))
-    start_workers(env={**env, "WHISKYPAY_WEBHOOK_READ_TIMEOUT_S": str(read_timeout_s)}, threads=threads)
+    # The slow server's timeouts would trip its merchant's breaker after 10 (parking the rest): this test measures
+    # the slow-host cap alone, so its breaker threshold is above the 40 slow callbacks' attempts.
+    start_workers(env={**env, "WHISKYPAY_WEBHOOK_READ_TIMEOUT_S": str(read_timeout_s),
+                       "WHISKYPAY_BREAKER_FAILURES": "1000"}, threads=threads)
     slow_url = slow.url("/slow")
     # When 40 callbacks to the slow merchant are queued first and hold every thread
     send_callbacks(slow_url, 40)

@@ -5,6 +5,7 @@ One module per command group, each with a `register(commands)` function:
     whiskypay/cli/dev.py        dev, demo, pay (the local stack, behind the `dev` extra)
     whiskypay/cli/secret.py     secret
     whiskypay/cli/ops.py        status, failed, retry
+    whiskypay/cli/merchants.py  merchants, breaker
     whiskypay/cli/dashboard.py  dashboard
     whiskypay/cli/health.py     health (container healthchecks)
     whiskypay/cli/check.py      check (before going live)
@@ -18,8 +19,8 @@ from collections.abc import Sequence
 
 #: Modules that add subcommands, in `--help` order. Each imports what its commands need only when they run,
 #: so one command's dependencies (the dev stack's, the dashboard's) never break the others.
-COMMAND_MODULES = ("whiskypay.cli.dev", "whiskypay.cli.secret", "whiskypay.cli.ops", "whiskypay.cli.dashboard",
-                   "whiskypay.cli.health", "whiskypay.cli.check")
+COMMAND_MODULES = ("whiskypay.cli.dev", "whiskypay.cli.secret", "whiskypay.cli.ops", "whiskypay.cli.merchants",
+                   "whiskypay.cli.dashboard", "whiskypay.cli.health", "whiskypay.cli.check")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from whiskypay import keys
+from whiskypay.breakers import BreakerStore
 from whiskypay.dead_letters import DeadLetter, dead_letter_count, iso_time, iter_dead_letters, redrive
 from whiskypay.errors import OpsError
 from whiskypay.queue_stats import merchant_counts, queue_counts
@@ -81,6 +82,7 @@ class QueueStatus:
       delayed: Scheduled retries not yet due, in the delay queue or already prefetched by a worker.
       in_flight: Messages a worker fetched from the queue and has not acknowledged yet.
       dead_lettered: Messages in the dead-letter set.
+      parked: Callbacks parked because their merchant's breaker is open (`whiskypay merchants`).
       completed, failed: Messages that succeeded / failed for good since counting_since_ms.
       counting_since_ms: When the counters started, unix milliseconds; None before the first count.
     """
@@ -93,6 +95,7 @@ class QueueStatus:
     completed: int
     failed: int
     counting_since_ms: int | None
+    parked: int = 0
 
     def summary(self) -> dict[str, Any]:
         """Return the counts as a JSON-ready dict."""
@@ -103,15 +106,21 @@ class QueueStatus:
             "dead_lettered": self.dead_lettered,
             "completed": self.completed,
             "failed": self.failed,
+            "parked": self.parked,
             "counting_since": iso_time(self.counting_since_ms),
         }
 
 
-def queue_status(client: redis.Redis, namespace: str, queue: str, merchant_id: str | None = None) -> QueueStatus:
+def queue_status(
+    client: redis.Redis, namespace: str, queue: str, merchant_id: str | None = None, *, parked: int = 0
+) -> QueueStatus:
     """Read queue's counts (`whiskypay.queue_stats.queue_counts`) and its outcome counters from Redis.
 
     With merchant_id, only that merchant's messages and outcomes (`merchant_counts`, a scan of the queue's
     messages); counting_since stays the queue's.
+
+    Parameters:
+      parked: The queue's parked callbacks (`parked_by_queue`).
     """
     counters = keys.outcome_counters(namespace, queue)
     completed, failed, started_at = client.hmget(counters, ["completed", "failed", "started_at"])
@@ -130,7 +139,19 @@ def queue_status(client: redis.Redis, namespace: str, queue: str, merchant_id: s
         completed=int(completed or 0),
         failed=int(failed or 0),
         counting_since_ms=int(started_at) * 1000 if started_at else None,
+        parked=parked,
     )
+
+
+def parked_by_queue(client: redis.Redis, namespace: str, merchant: str | None = None) -> dict[str, int]:
+    """Return how many callbacks are parked per queue (every merchant's breaker, or merchant's; one script call)."""
+    counts: dict[str, int] = {}
+    for breaker in BreakerStore(client, namespace).snapshot().values():
+        if merchant is not None and breaker.merchant != merchant:
+            continue
+        queue = breaker.queue or str(Queue.CALLBACKS)
+        counts[queue] = counts.get(queue, 0) + breaker.parked
+    return counts
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -204,7 +225,9 @@ def status_command(args: argparse.Namespace) -> int:
     """Print each queue's waiting, delayed, in-flight and dead-lettered messages and its outcome counters."""
     client, namespace = _connect()
     with client:
-        statuses = [queue_status(client, namespace, queue, args.merchant) for queue in _queues(args)]
+        parked = parked_by_queue(client, namespace, args.merchant)
+        statuses = [queue_status(client, namespace, queue, args.merchant, parked=parked.get(queue, 0))
+                    for queue in _queues(args)]
     if args.json:
         document: dict[str, Any] = {"namespace": namespace}
         if args.merchant:
@@ -213,13 +236,14 @@ def status_command(args: argparse.Namespace) -> int:
         return 0
     if args.merchant:
         print(f"Merchant {args.merchant}:")
-    headers = ("QUEUE", "WAITING", "DELAYED", "IN FLIGHT", "DEAD-LETTERED", "COMPLETED", "FAILED", "COUNTING SINCE")
+    headers = ("QUEUE", "WAITING", "DELAYED", "IN FLIGHT", "DEAD-LETTERED", "COMPLETED", "FAILED", "PARKED",
+               "COUNTING SINCE")
     rows = [
-        (s.queue, s.waiting, s.delayed, s.in_flight, s.dead_lettered, s.completed, s.failed,
+        (s.queue, s.waiting, s.delayed, s.in_flight, s.dead_lettered, s.completed, s.failed, s.parked,
          format_time(s.counting_since_ms) if s.counting_since_ms else "not started")
         for s in statuses
     ]
-    print(format_table(headers, rows, right=range(1, 7)))
+    print(format_table(headers, rows, right=range(1, 8)))
     return 0
 
 

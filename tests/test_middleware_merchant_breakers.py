@@ -1,0 +1,129 @@
+"""Tier 2: MerchantBreakers' hooks called directly (its store on the test Redis), next to QueueRetryPolicy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+from dramatiq import Message
+from dramatiq.broker import MessageProxy
+from dramatiq.brokers.stub import StubBroker
+
+from middleware.merchant_breakers import MerchantBreakers
+from middleware.retry_policy import QueueRetryPolicy
+from tests.helpers import NAMESPACE
+from whiskypay.breakers import BreakerStore
+from whiskypay.errors import HttpStatusError, Parked
+from whiskypay.outcomes import Outcome, classify
+from whiskypay.retrying import RetryPolicy
+
+QUEUE = "callbackQueue"
+
+
+def callback(n: int, *, host: str = "shop.example", merchant_id: str | None = None) -> MessageProxy:
+    kwargs: dict[str, Any] = {"callback_url": f"https://{host}/hook", "email": "b@example.com"}
+    if merchant_id:
+        kwargs["merchant_id"] = merchant_id
+    return MessageProxy(Message(queue_name=QUEUE, actor_name="send_callback", args=(), kwargs=kwargs,
+                                options={"redis_message_id": f"rid-{n}"}, message_id=f"m-{n}",
+                                message_timestamp=1_000 + n))
+
+
+def down(host: str = "shop.example") -> HttpStatusError:
+    return HttpStatusError(f"HTTP 503 from {host}", host=host, http_status=503)
+
+
+@pytest.fixture
+def breakers(redis_client: redis.Redis) -> MerchantBreakers:
+    middleware = MerchantBreakers(failures=2, probe_interval_ms=60_000, release_rate=50, park_max_ms=10**9)
+    middleware.store = BreakerStore(redis_client, NAMESPACE)
+    return middleware
+
+
+@pytest.fixture
+def broker(breakers: MerchantBreakers) -> Iterator[StubBroker]:
+    broker = StubBroker(middleware=[
+        QueueRetryPolicy(policies={QUEUE: RetryPolicy(attempts=5, backoff_ms=10)}), breakers
+    ])
+    broker.declare_queue(QUEUE)
+
+    @dramatiq.actor(broker=broker, actor_name="send_callback", queue_name=QUEUE)
+    def send_callback(**kwargs: Any) -> None: ...
+
+    yield broker
+    broker.close()
+
+
+def after(broker: StubBroker, message: MessageProxy, exception: BaseException | None) -> None:
+    """Run every after_process_message hook as the worker does (in reverse order)."""
+    broker.emit_after("process_message", message, exception=exception)
+
+
+def test_a_healthy_merchant_costs_no_redis_call(broker: StubBroker, breakers: MerchantBreakers,
+                                                redis_client: redis.Redis) -> None:
+    message = callback(1)
+    broker.emit_before("process_message", message)
+    after(broker, message, None)
+    assert redis_client.keys("*") == [] and breakers.view.all() == []
+
+
+def test_the_attempt_that_trips_the_breaker_is_parked_without_spending_a_retry(
+    broker: StubBroker, breakers: MerchantBreakers
+) -> None:
+    # Given two callbacks in flight to a merchant with threshold 2
+    first, second = callback(1), callback(2)
+    broker.emit_before("process_message", first)
+    broker.emit_before("process_message", second)
+    # When the first fails it is retried as usual
+    after(broker, first, down())
+    assert first.options["retries"] == 1 and classify(first, down()) == Outcome("failed", "retried")
+    # And a third is parked before it runs: one failure + one in flight could already make the threshold
+    third = callback(3)
+    with pytest.raises(Parked):
+        broker.emit_before("process_message", third)
+    # When the second fails, the breaker opens and it is parked: no retry scheduled, no attempt spent
+    after(broker, second, down())
+    assert "retries" not in second.options and classify(second, down()) == Outcome("failed", "parked")
+    assert broker.queues[f"{QUEUE}.DQ"].qsize() == 1  # only the first one's retry
+    # And from now on callbacks of this merchant are parked on arrival, not attempted
+    fourth = callback(4)
+    with pytest.raises(Parked) as parked:
+        broker.emit_before("process_message", fourth)
+    assert classify(fourth, parked.value) == Outcome("deferred", "parked")
+    after(broker, fourth, parked.value)
+    breaker = breakers.store.snapshot()["shop.example"]  # type: ignore[union-attr]
+    assert (breaker.state, breaker.parked, breaker.failures) == ("open", 3, 2)
+    # While a callback of another merchant, with a merchant_id, goes through untouched
+    other = callback(5, merchant_id="m_other")
+    broker.emit_before("process_message", other)
+    after(broker, other, None)
+
+
+def test_a_reply_that_is_not_an_outage_resets_the_count(broker: StubBroker, breakers: MerchantBreakers) -> None:
+    first, second, third = callback(1), callback(2), callback(3)
+    broker.emit_before("process_message", first)
+    after(broker, first, down())
+    broker.emit_before("process_message", second)
+    after(broker, second, HttpStatusError("HTTP 404 from shop.example", http_status=404))
+    broker.emit_before("process_message", third)
+    after(broker, third, down())
+    assert breakers.store.snapshot()["shop.example"].state == "closed"  # type: ignore[union-attr]
+
+
+def test_one_failure_of_a_busy_merchant_does_not_hold_back_its_other_callbacks(redis_client: redis.Redis) -> None:
+    # Given a threshold of 10 and a merchant with 12 attempts in flight in this process
+    breakers = MerchantBreakers(failures=10, probe_interval_ms=60_000, release_rate=50, park_max_ms=10**9)
+    breakers.store = BreakerStore(redis_client, NAMESPACE)
+    broker = StubBroker(middleware=[breakers])
+    in_flight = [callback(n) for n in range(12)]
+    for message in in_flight:
+        broker.emit_before("process_message", message)
+    # When one of them fails (one failure, eleven in flight: more than the threshold if all failed)
+    broker.emit_after("process_message", in_flight[0], exception=down())
+    # Then the next one is still attempted: below half the threshold, failures in a row are no outage yet
+    broker.emit_before("process_message", callback(99))
+    assert breakers.store.snapshot()["shop.example"].parked == 0
+    broker.close()
