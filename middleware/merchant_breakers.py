@@ -20,7 +20,9 @@ Per callback (send_callback message), with its merchant (merchant_id, else callb
   merchant's parked callbacks oldest first at release_rate per second, and dead-letters those parked longer than
   park_max_ms (one Sentry event per merchant and outage). Opening sends one Sentry event per merchant.
 
-A Redis error in any of this never loses a callback: the message is attempted, or retried, as without breakers.
+A Redis error in any of this never loses a callback: the message is attempted, or retried, as without breakers
+(`whiskypay.redis_errors` classifies it: a transient one is logged once; a configuration one, NOPERM or
+WRONGTYPE, is also reported to Sentry once, since it will not clear by itself).
 
 Parameters:
   failures: Consecutive outage failures that open a merchant's breaker (WHISKYPAY_BREAKER_FAILURES).
@@ -51,6 +53,7 @@ from whiskypay.errors import Deferred, Parked
 from whiskypay.merchants import CALLBACK_ACTOR, Breaker, is_outage, merchant_of, park_limit_reason
 from whiskypay.outcomes import record_failure
 from whiskypay.redaction import url_host
+from whiskypay.redis_errors import classify_redis_error, describe, report_configuration_error
 
 
 class MerchantBreakers(Middleware):
@@ -91,6 +94,7 @@ class MerchantBreakers(Middleware):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._redis_error_logged = False
+        self._configuration_reported = False
 
     # ---------------------------------------------------------------------------------------------------------------
     # lifecycle
@@ -127,10 +131,21 @@ class MerchantBreakers(Middleware):
         self.view.apply(data, now_ms=int(time.time() * 1000), probe_interval_ms=self.probe_interval_ms)
 
     def _redis_failed(self, what: str, exc: BaseException) -> None:
+        # Either kind, the callback is attempted or retried as without breakers (nothing is lost and no thread
+        # waits); a configuration error is also reported once (Sentry and the log), since it will not clear.
+        if classify_redis_error(exc) == "configuration":
+            if not self._configuration_reported:
+                self._configuration_reported = True
+                report_configuration_error(
+                    exc, what=what, logger=self.logger,
+                    consequence="merchant breakers are off in this worker (callbacks are attempted and retried as "
+                                "without them)",
+                )
+            return
         level = self.logger.debug if self._redis_error_logged else self.logger.warning
         self._redis_error_logged = True
         level("Redis refused %s (%s); callbacks are attempted and retried as without breakers meanwhile.",
-              what, type(exc).__name__)
+              what, describe(exc))
 
     # ---------------------------------------------------------------------------------------------------------------
     # per message

@@ -127,3 +127,18 @@ def test_one_failure_of_a_busy_merchant_does_not_hold_back_its_other_callbacks(r
     broker.emit_before("process_message", callback(99))
     assert breakers.store.snapshot()["shop.example"].parked == 0
     broker.close()
+
+
+def test_a_redis_error_reply_in_a_breaker_call_leaves_the_callback_to_the_retry_policy(
+    broker: StubBroker, breakers: MerchantBreakers, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given another program wrote a string where the merchant's breaker hash goes (WRONGTYPE on every script)
+    redis_client.set(f"{NAMESPACE}:whiskypay.breaker:shop.example", "not a hash")
+    breakers.view.update("shop.example", state="open")  # and the view says it is open
+    # When a callback of that merchant arrives and fails
+    message = callback(1)
+    broker.emit_before("process_message", message)  # not parked: it could not be
+    after(broker, message, down())
+    # Then it was attempted and is retried as without breakers, and the configuration error was reported once
+    assert message.options["retries"] == 1 and "parked" not in message.options
+    assert caplog.text.count("with a configuration error (ResponseError: WRONGTYPE") == 1
