@@ -16,7 +16,7 @@ def wait_expired(scope: AttemptScope, within_s: float) -> float:
 
 
 def test_an_attempt_opened_while_the_watchdog_ticks_for_another_still_ends_at_its_deadline() -> None:
-    # Given a watchdog ticking every 50 ms for a long attempt (it is in its timed wait: nobody wakes it any more)
+    # Given a watchdog ticking every 50 ms for a long attempt (it is in its timed wait: nobody wakes it)
     watchdog = Watchdog(tick_s=0.05)
     try:
         with watchdog.attempt(30) as long_attempt:
@@ -32,14 +32,29 @@ def test_an_attempt_opened_while_the_watchdog_ticks_for_another_still_ends_at_it
         watchdog.stop()
 
 
-def test_an_attempt_opened_on_an_idle_watchdog_ends_at_its_deadline() -> None:
-    # Given a watchdog whose thread runs but has no attempt open (it waits without a timeout)
-    watchdog = Watchdog(tick_s=0.05)
+def test_an_attempt_opened_on_a_sleeping_watchdog_ends_at_its_deadline() -> None:
+    # Given a watchdog whose thread runs but has had no attempt open for longer than it lingers (it sleeps)
+    watchdog = Watchdog(tick_s=0.05, linger_s=0.1)
     try:
         with watchdog.attempt(5):
             pass
-        time.sleep(0.1)
+        time.sleep(0.4)
         # When an attempt with a 0.2 s budget opens, then the watchdog was woken and ends it in time
+        with watchdog.attempt(0.2) as attempt:
+            took = wait_expired(attempt, within_s=3)
+        assert attempt.expired
+        assert took < 0.2 + 0.05 + 0.5
+    finally:
+        watchdog.stop()
+
+
+def test_an_attempt_opened_soon_after_the_last_one_ended_ends_at_its_deadline_without_waking_the_watchdog() -> None:
+    # Given a watchdog whose last attempt just ended (it lingers, ticking, for a second)
+    watchdog = Watchdog(tick_s=0.05, linger_s=1.0)
+    try:
+        with watchdog.attempt(5):
+            pass
+        # When the next attempt, with a 0.2 s budget, opens at once, then the ticking watchdog ends it in time
         with watchdog.attempt(0.2) as attempt:
             took = wait_expired(attempt, within_s=3)
         assert attempt.expired

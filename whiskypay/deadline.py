@@ -105,19 +105,24 @@ class Watchdog:
     """One thread per process that ends attempts at their deadline (see the module docstring).
 
     While attempts are open it looks at them every tick_s (they are few: one per worker thread at most), so an
-    attempt ends at most tick_s after its deadline; with none open it sleeps. It starts with the first attempt
-    and stops with `stop()` (HttpClients calls it at worker shutdown).
+    attempt ends at most tick_s after its deadline; once none has been open for linger_s it sleeps until the next
+    one. A new attempt wakes it only from that sleep: waking it for every attempt (a thread switch each time)
+    cost a tenth of a busy worker's CPU per webhook (BENCHMARKS.md). It starts with the first attempt and stops
+    with `stop()` (HttpClients calls it at worker shutdown).
 
     Parameters:
       tick_s: How often open attempts are checked, in seconds.
+      linger_s: How long it keeps ticking with no attempt open before it sleeps, in seconds.
     """
 
-    def __init__(self, *, tick_s: float = 0.05) -> None:
+    def __init__(self, *, tick_s: float = 0.05, linger_s: float = 1.0) -> None:
         self.tick_s = tick_s
+        self.linger_s = linger_s
         self._cond = threading.Condition()
         self._open: set[AttemptScope] = set()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._sleeping = False  # in the wait without a timeout; read and written under _cond
 
     @contextmanager
     def attempt(
@@ -132,16 +137,13 @@ class Watchdog:
         """
         scope = AttemptScope(time.monotonic() + seconds, resolver=resolver, on_peer=on_peer)
         with self._cond:
-            idle = not self._open
             self._open.add(scope)
             if self._thread is None or not self._thread.is_alive():
                 self._stopping = False
                 self._thread = threading.Thread(target=self._run, name="whiskypay-attempt-watchdog", daemon=True)
                 self._thread.start()
-            elif idle:
-                # Only an idle watchdog waits without a timeout; a ticking one finds this scope within tick_s.
-                # Waking it for every attempt cost a tenth of a worker's CPU per webhook (BENCHMARKS.md).
-                self._cond.notify()
+            elif self._sleeping:
+                self._cond.notify()  # a ticking watchdog finds this scope within tick_s by itself
         token = _current.set(scope)
         try:
             yield scope
@@ -153,14 +155,22 @@ class Watchdog:
 
     def _run(self) -> None:
         with self._cond:
+            quiet_since = time.monotonic()
             while not self._stopping:
-                if not self._open:
-                    self._cond.wait()
-                    continue
                 now = time.monotonic()
-                for scope in [scope for scope in self._open if scope.deadline <= now]:
-                    self._open.discard(scope)
-                    scope.expire()
+                if self._open:
+                    quiet_since = now
+                    for scope in [scope for scope in self._open if scope.deadline <= now]:
+                        self._open.discard(scope)
+                        scope.expire()
+                elif now - quiet_since >= self.linger_s:
+                    self._sleeping = True
+                    try:
+                        self._cond.wait()
+                    finally:
+                        self._sleeping = False
+                    quiet_since = time.monotonic()
+                    continue
                 self._cond.wait(self.tick_s)
 
     def stop(self) -> None:
