@@ -262,6 +262,16 @@ class Settings(BaseSettings):
     #: The port of that /metrics endpoint.
     metrics_port: int = Field(default=9191, gt=0, lt=65536)
 
+    # Delivery ledger (whiskypay/ledger.py).
+    #: Record every webhook and email attempt, and each job as `pending` at send().
+    ledger_enabled: bool = True
+    #: How long ledger records are kept, in seconds, counted from a payment's first record (default 7 days).
+    ledger_retention_s: int = Field(default=7 * 24 * 3600, gt=0)
+    #: The most payments the ledger keeps; a new one beyond it drops the oldest (see README for bytes each).
+    ledger_max_payments: int = Field(default=50_000, ge=1)
+    #: Replays (`whiskypay resend`, `whiskypay retry`) enter their queue at most this many per second.
+    replay_rate: float = Field(default=20.0, gt=0)
+
     # Validation.
     #: The largest encoded message accepted at send(), in bytes.
     max_message_bytes: int = Field(default=16 * 1024, gt=0)

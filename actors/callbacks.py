@@ -13,6 +13,7 @@ from middleware.signing import WebhookSigning
 from whiskypay.actor import WhiskyPayActor
 from whiskypay.broker import middleware_of
 from whiskypay.errors import Deferred, PermanentError, WhiskyPayError
+from whiskypay.ledger import note_attempt
 from whiskypay.queues import Queue
 from whiskypay.redaction import scrub_text
 from whiskypay.signing import webhook_id as default_webhook_id
@@ -77,7 +78,11 @@ def send_callback(
             message_id, merchant, host, status, "-" if duration_ms is None else f"{duration_ms:.0f}", attempt,
             scrub_text(str(exc), addresses=(email,)),
         )
+        note_attempt("webhook", "failed", code=status if isinstance(status, int) else None, duration_ms=duration_ms,
+                     error=exc, response=getattr(exc, "response_head", None) or None)
         raise
+    note_attempt("webhook", "delivered", code=result.status, duration_ms=result.duration_ms,
+                 response=result.response_head)
     logger.info(
         "webhook message=%s merchant=%s host=%s status=%d duration_ms=%.0f attempt=%d delivered",
         message_id, merchant, host, result.status, result.duration_ms, attempt,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import dramatiq
@@ -13,6 +14,7 @@ from whiskypay import keys
 from whiskypay.actor import WhiskyPayActor
 from whiskypay.broker import middleware_of
 from whiskypay.errors import PermanentError
+from whiskypay.ledger import note_attempt
 from whiskypay.mail import Role, compose
 from whiskypay.queues import Queue
 from whiskypay.redaction import mask_address
@@ -87,15 +89,19 @@ def send_email(
             else:
                 logger.info("email message=%s merchant=%s role=%s already sent; skipped", message_id, merchant, role)
             continue
+        started = time.perf_counter()
         try:
             smtp.send(email)
-        except Exception:
+        except Exception as exc:
+            note_attempt(role, "failed", code=getattr(exc, "tags", {}).get("smtp_code"), error=exc,
+                         duration_ms=(time.perf_counter() - started) * 1000)
             # The relay refused it or the connection failed (SmtpTemporaryError, SmtpPermanentError): it was not
             # accepted, so the next attempt may send it. A time limit or a kill (not an Exception) keeps the
             # marker: the exchange may have reached the 250.
             if client:
                 call_through_transient(partial(client.delete, marker), what=what, logger=logger)
             raise
+        note_attempt(role, "delivered", code=250, duration_ms=(time.perf_counter() - started) * 1000)
         if client:
             call_through_transient(partial(client.set, marker, SENT, ex=SENT_MARKER_TTL_S), what=what, logger=logger)
         logger.info("email message=%s merchant=%s role=%s to=%s sent", message_id, merchant, role, mask_address(to))

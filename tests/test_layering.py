@@ -32,7 +32,8 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "whiskypay/delivery.py", "whiskypay/smtp.py", "whiskypay/netguard.py", "whiskypay/redis_broker.py",
         "whiskypay/dead_letters.py", "whiskypay/queue_stats.py", "whiskypay/queue_health.py",
         "whiskypay/redis_errors.py", "whiskypay/deadline.py", "whiskypay/redis_durability.py",
-        "whiskypay/worker_health.py", "whiskypay/breakers.py",
+        "whiskypay/worker_health.py", "whiskypay/breakers.py", "whiskypay/ledger.py",
+        "whiskypay/replay.py",
     )),
     ("pure", (
         "whiskypay/signing.py", "whiskypay/retrying.py", "whiskypay/schemas.py", "whiskypay/mail.py",

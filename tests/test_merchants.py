@@ -383,9 +383,10 @@ def test_failed_shows_the_merchant_and_failed_and_retry_take_one_merchant(redis_
     code, dry, _ = cli(capsys, "retry", "--queue", "callbackQueue", "--merchant", "m_a", "--dry-run")
     assert code == 0 and "Would re-drive 1 dead letter(s) of merchant m_a onto callbackQueue" in dry
     code, out, _ = cli(capsys, "retry", "--queue", "callbackQueue", "--merchant", "m_a")
-    # Then only a1 moved back to callbackQueue; m_b's, the merchant-less one and m_a's email stay dead
+    # Then only a1 moved back (into callbackQueue's replay lane); m_b's, the merchant-less one and m_a's email
+    # stay dead
     assert code == 0 and a1 in out and b1 not in out
-    assert redis_client.llen(keys.queue(NAMESPACE, "callbackQueue")) == 1
+    assert redis_client.zcard(keys.replay_lane(NAMESPACE, "callbackQueue")) == 1
     still_dead = set(redis_client.hkeys(keys.dead_letter_messages(NAMESPACE, "callbackQueue")))
     assert still_dead == {b1.encode(), none.encode()}
     assert redis_client.zcard(keys.dead_letters(NAMESPACE, "emailQueue")) == 1

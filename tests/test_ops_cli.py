@@ -73,7 +73,9 @@ def _failed_callback(**options: Any) -> dict[str, Any]:
 def test_a_redriven_message_starts_over_but_keeps_its_ids() -> None:
     message = _failed_callback(eta=1_780_000_000_500, max_retries=9)
     new = redriven(message, queue="callbackQueue", redis_message_id="new-id")
-    assert new["options"] == {"redis_message_id": "new-id", "webhook_id": "evt_42", "max_retries": 9}
+    # (ledger_delivery: the re-drive is the webhook's second delivery in the delivery ledger)
+    assert new["options"] == {"redis_message_id": "new-id", "webhook_id": "evt_42", "max_retries": 9,
+                              "ledger_delivery": 2}
     assert new["message_id"] == message["message_id"]
     assert new["kwargs"] == message["kwargs"] and new["queue_name"] == "callbackQueue"
     assert message["options"]["retries"] == 4, "the dead letter itself is not modified"
@@ -444,10 +446,12 @@ def test_two_concurrent_retries_enqueue_each_dead_letter_once(
     for thread in threads:
         thread.join(timeout=30)
     out = capsys.readouterr().out
-    # Then every message is on the queue exactly once, with a fresh attempt count, and none is dead-lettered
+    # Then every message is in the queue's replay lane exactly once, with a fresh attempt count, none dead-lettered
+    from whiskypay import keys
+
     assert codes == [0, 0]
-    queued_ids = [raw.decode() for raw in redis_client.lrange(f"{NAMESPACE}:callbackQueue", 0, -1)]
-    stored = redis_client.hgetall(f"{NAMESPACE}:callbackQueue.msgs")
+    queued_ids = [raw.decode() for raw in redis_client.zrange(keys.replay_lane(NAMESPACE, "callbackQueue"), 0, -1)]
+    stored = redis_client.hgetall(keys.replay_lane_messages(NAMESPACE, "callbackQueue"))
     assert len(queued_ids) == 20 and set(queued_ids) == {key.decode() for key in stored}
     messages = [json.loads(stored[redis_id.encode()]) for redis_id in queued_ids]
     assert sorted(message["message_id"] for message in messages) == sorted(ids)

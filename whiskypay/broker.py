@@ -19,6 +19,7 @@ from middleware.dead_letters import DeadLetterReasons
 from middleware.durable_redis import DurableRedis
 from middleware.http_client import HttpClients
 from middleware.idempotency import IdempotentEnqueue
+from middleware.ledger import DeliveryLedger
 from middleware.merchant_breakers import MerchantBreakers
 from middleware.outcome_counters import OutcomeCounters
 from middleware.retry_policy import QueueRetryPolicy
@@ -152,6 +153,14 @@ def build_broker(settings: Settings) -> RedisBroker:
             signing_key=settings.webhook_signing_key.get_secret_value() if settings.webhook_signing_key else None,
             signatures=settings.signature_kinds(),
         ),
+        # The delivery ledger: after WebhookSigning, so the pending record it stages at enqueue carries the
+        # webhook_id; before QueueRetryPolicy, so its after_process_message sees the retry-or-fail decision.
+        # It writes each attempt in after_ack/after_nack, once the message is acked.
+        *(
+            [DeliveryLedger(retention_s=settings.ledger_retention_s, max_payments=settings.ledger_max_payments)]
+            if settings.ledger_enabled
+            else []
+        ),
         # QueueRetryPolicy is last, so its after_process_message runs first (after_* hooks run in reverse):
         # it decides retry or fail before anything looks at `message.failed`. SentryReporting and
         # DeadLetterReasons act in before_nack, which every dead-lettered message passes once, in this order:
@@ -196,6 +205,7 @@ def build_broker(settings: Settings) -> RedisBroker:
         max_message_bytes=settings.max_message_bytes,
         min_replica_acks=settings.redis_min_replica_acks,
         replica_ack_timeout_ms=replica_ack_timeout_ms(settings),
+        replay_rate=settings.replay_rate,
         middleware=middleware,
     )
 

@@ -1,4 +1,4 @@
-"""Dead letters: decode and list a queue's dead-letter set, and re-drive one back onto its queue atomically.
+"""Dead letters: decode and list a queue's dead-letter set, and re-drive one back (through the replay lane).
 
 This is the domain under `whiskypay failed` and `whiskypay retry` (whiskypay/cli/ops.py prints what it returns).
 It reads Dramatiq's Redis layout directly (`<queue>.XQ`, a sorted set of redis ids scored by when they died, and
@@ -16,7 +16,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from whiskypay import keys
+from whiskypay.ledger import DELIVERY_OPTION, MessageView, delivery_of, job_kind
 from whiskypay.redaction import ADDRESS_FIELDS, mask_address, scrub_text, url_host
+from whiskypay.replay import redrive_to_lane
 
 if TYPE_CHECKING:
     import redis
@@ -167,6 +169,11 @@ class DeadLetter:
                 return mask_address(value)
         return None
 
+    @property
+    def erased(self) -> bool:
+        """Whether `whiskypay forget` erased an address from it (then it is not re-driven)."""
+        return "erased_at" in self.options
+
     def summary(self) -> dict[str, Any]:
         """Return the fields safe to show (never the arguments), for tables and --json."""
         return {
@@ -209,6 +216,9 @@ def redriven(message: dict[str, Any], *, queue: str, redis_message_id: str) -> d
     """
     options = {key: value for key, value in message.get("options", {}).items() if key not in REDRIVE_DROPPED_OPTIONS}
     options["redis_message_id"] = redis_message_id
+    if job_kind(str(message.get("actor_name"))) == "webhook":
+        # A new delivery of the webhook for the ledger: its attempts count from 1 again (whiskypay.ledger).
+        options[DELIVERY_OPTION] = delivery_of(MessageView(message)) + 1
     return {**message, "queue_name": queue, "options": options}
 
 
@@ -240,19 +250,49 @@ def iter_dead_letters(
 def redrive(client: redis.Redis, namespace: str, letter: DeadLetter, *, new_id: str | None = None) -> RedriveResult:
     """Move one readable dead letter back onto its queue atomically (REDRIVE_LUA); return what happened.
 
+    The dashboard's Requeue (one message, by hand) uses it; `whiskypay retry` goes through the replay lane
+    (redrive_paced).
+
     Parameters:
       letter: A readable dead letter (`letter.message` is not None).
       new_id: Its new Redis id; a fresh uuid4 by default.
     """
+    return _redrive(client, namespace, letter, new_id=new_id, order=None)[0]
+
+
+def redrive_paced(
+    client: redis.Redis, namespace: str, letter: DeadLetter, *, order: int, new_id: str | None = None
+) -> tuple[RedriveResult, dict[str, Any]]:
+    """Move one readable dead letter into its queue's paced replay lane atomically (whiskypay.replay).
+
+    Workers take it after fresh work, at most WHISKYPAY_REPLAY_RATE per second. Returns what happened and the
+    message as re-driven (for the delivery ledger).
+
+    Parameters:
+      order: Its place in the lane (whiskypay.replay.lane_order).
+      new_id: Its new Redis id; a fresh uuid4 by default.
+    """
+    return _redrive(client, namespace, letter, new_id=new_id, order=order)
+
+
+def _redrive(
+    client: redis.Redis, namespace: str, letter: DeadLetter, *, new_id: str | None, order: int | None
+) -> tuple[RedriveResult, dict[str, Any]]:
     if letter.message is None:
         raise ValueError(f"dead letter {letter.redis_id} is unreadable ({letter.problem}); it cannot be re-driven")
     new_id = new_id or str(uuid.uuid4())
-    data = encode_message(redriven(letter.message, queue=letter.queue, redis_message_id=new_id))
-    names = [
-        keys.dead_letters(namespace, letter.queue),
-        keys.dead_letter_messages(namespace, letter.queue),
-        keys.messages(namespace, letter.queue),
-        keys.queue(namespace, letter.queue),
-    ]
-    moved = int(client.register_script(REDRIVE_LUA)(keys=names, args=[letter.redis_id, letter.raw, new_id, data]))
-    return {1: "re-driven", 0: "gone", -1: "changed"}[moved]  # type: ignore[return-value]
+    message = redriven(letter.message, queue=letter.queue, redis_message_id=new_id)
+    data = encode_message(message)
+    if order is not None:
+        moved = redrive_to_lane(client, namespace, letter.queue, redis_id=letter.redis_id, raw=letter.raw,
+                                message=message, data=data, order=order)
+    else:
+        names = [
+            keys.dead_letters(namespace, letter.queue),
+            keys.dead_letter_messages(namespace, letter.queue),
+            keys.messages(namespace, letter.queue),
+            keys.queue(namespace, letter.queue),
+        ]
+        moved = int(client.register_script(REDRIVE_LUA)(keys=names, args=[letter.redis_id, letter.raw, new_id, data]))
+    result: RedriveResult = {1: "re-driven", 0: "gone", -1: "changed"}[moved]  # type: ignore[assignment]
+    return result, message

@@ -20,6 +20,9 @@ from whiskypay.retrying import parse_retry_after_ms
 #: The pool key requests uses for verify=True: the same pools as a `session.post` would use.
 _VERIFY_POOL_KWARGS = {"cert_reqs": "CERT_REQUIRED"}
 
+#: How much of a response body is kept with the attempt's result or error, in bytes (for the delivery ledger).
+RESPONSE_HEAD_BYTES = 1024
+
 
 @dataclass(frozen=True)
 class Attempt:
@@ -27,6 +30,8 @@ class Attempt:
 
     status: int
     duration_ms: float
+    #: The first RESPONSE_HEAD_BYTES of the response body.
+    response_head: bytes = b""
 
 
 def post_webhook(
@@ -55,14 +60,14 @@ def post_webhook(
     """
     started = time.perf_counter()
     try:
-        status = _post(
+        status, head = _post(
             session, url, body, headers, started=started, connect_timeout_s=connect_timeout_s,
             read_timeout_s=read_timeout_s, max_response_bytes=max_response_bytes, scope=scope,
         )
     except WhiskyPayError as exc:
         exc.duration_ms = (time.perf_counter() - started) * 1000
         raise
-    return Attempt(status=status, duration_ms=(time.perf_counter() - started) * 1000)
+    return Attempt(status=status, duration_ms=(time.perf_counter() - started) * 1000, response_head=head)
 
 
 def _post(
@@ -76,7 +81,7 @@ def _post(
     read_timeout_s: float,
     max_response_bytes: int,
     scope: AttemptScope | None,
-) -> int:
+) -> tuple[int, bytes]:
     # The request goes straight to the urllib3 pool of the session's adapter: the same pools and connection
     # classes (the SSRF guard on each connected peer, the attempt's deadline and peer hook), requests' own TLS
     # set-up (`cert_verify`), the session's headers, no redirects, no retries, nothing from the environment;
@@ -103,11 +108,14 @@ def _post(
             assert_same_host=False,
         )
         consumed = False
+        head = b""
         try:
             received = 0
             deadline = started + connect_timeout_s + read_timeout_s
             for chunk in response.stream(8192, decode_content=False):
                 received += len(chunk)
+                if len(head) < RESPONSE_HEAD_BYTES:
+                    head += chunk[: RESPONSE_HEAD_BYTES - len(head)]
                 # Enough to know the answer: stop at the size cap, or when a trickling body passes the deadline.
                 if received > max_response_bytes or time.perf_counter() > deadline:
                     break
@@ -138,8 +146,14 @@ def _post(
         raise DeliveryError(f"request to {host} failed ({type(exc).__name__})", host=host) from None
     status = response.status
     if 200 <= status < 300:
-        return status
+        return status, head
+    error: WhiskyPayError
     if status == 410:
-        raise EndpointGone(f"HTTP 410 Gone from {host}: the merchant removed this endpoint", host=host, http_status=410)
-    retry_after = parse_retry_after_ms(response.headers.get("Retry-After"), now=time.time())
-    raise HttpStatusError(f"HTTP {status} from {host}", retry_after_ms=retry_after, host=host, http_status=status)
+        error = EndpointGone(f"HTTP 410 Gone from {host}: the merchant removed this endpoint", host=host,
+                             http_status=410)
+    else:
+        retry_after = parse_retry_after_ms(response.headers.get("Retry-After"), now=time.time())
+        error = HttpStatusError(f"HTTP {status} from {host}", retry_after_ms=retry_after, host=host,
+                                http_status=status)
+    error.response_head = head
+    raise error

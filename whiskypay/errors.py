@@ -54,6 +54,8 @@ class WhiskyPayError(Exception):
 
     #: How long the attempt that raised this took, in milliseconds, when it was timed (webhook attempts).
     duration_ms: float | None = None
+    #: The first bytes of the merchant's response when the error is an HTTP answer (kept by the delivery ledger).
+    response_head: bytes = b""
 
     def __init__(self, message: str, **tags: str | int | None) -> None:
         super().__init__(message)

@@ -41,6 +41,24 @@ part of the key, so a merchant whose name holds ":" is still one key):
   ns:whiskypay.breakers        set of every M with a breaker record (failures counted, open, or parked callbacks)
   ns:breakers                  pub/sub channel: "<state> M" when M's breaker changes (the workers' local view)
 
+The delivery ledger (whiskypay/ledger.py), under L = ns:whiskypay.ledger: ; a payment id P is
+`e<len(M)>:M:E` for event_id E of merchant M ("" when none), else `m:<message id>` (payment_id):
+
+  L p:P           hash: the payment's ids, each job's state, masked recipients, the buyer address's digests
+  L a:P           list: its attempts, oldest first, one compact JSON object each
+  L w:P           string: its webhook's message as enqueued (for `whiskypay resend`; "[erased]" after `forget`)
+  L t             zset: every payment id, score = first seen (unix ms): listing, reconcile, the cap
+  L ev:E          hash: the payment ids of event_id E (one field per merchant; small hashes are compact)
+  L m:MSG         string: the payment id of message MSG's job (when it belongs to an event's payment)
+  L wh:W          string: the payment id of webhook-id W (when W is neither E nor msg_<message id>)
+  L addr:D        hash: the payment ids holding a buyer address whose sha256 (lower-cased, 128 bits hex) is D
+
+The replay lane (whiskypay/replay.py):
+
+  ns:whiskypay.replay:Q        zset: replays waiting to go onto Q (score = the order they were replayed in)
+  ns:whiskypay.replay:Q.msgs   hash: their messages (redis id -> encoded message)
+  ns:whiskypay.replay:Q.pace   hash: the lane's token bucket (`tokens`, `at` unix ms), shared by all workers
+
 Functions take the queue name as given: a delay queue `Q.DQ` is a queue of its own, except for the outcome
 counters, which count a delay queue's messages as its queue's.
 """
@@ -192,3 +210,87 @@ def breaker_index(namespace: str) -> str:
 def breaker_channel(namespace: str) -> str:
     """Return the pub/sub channel on which breaker changes are announced."""
     return f"{namespace}:breakers"
+
+
+# The delivery ledger.
+
+
+def ledger_prefix(namespace: str) -> str:
+    """Return the prefix of every ledger key (the ledger's Lua script builds a trimmed payment's keys from it)."""
+    return f"{namespace}:{OURS}.ledger:"
+
+
+def payment_id(*, event_id: str | None, merchant_id: str | None, message_id: str) -> str:
+    """Return the id of the payment a job belongs to: unambiguous, since the merchant id is length-prefixed.
+
+    `e<len>:<merchant>:<event>` for a job with an event id (merchant "" when none was given), else `m:<message>`.
+    """
+    if event_id:
+        merchant = merchant_id or ""
+        return f"e{len(merchant)}:{merchant}:{event_id}"
+    return f"m:{message_id}"
+
+
+def ledger_payment(namespace: str, pid: str) -> str:
+    """Return the hash of payment pid."""
+    return f"{ledger_prefix(namespace)}p:{pid}"
+
+
+def ledger_attempts(namespace: str, pid: str) -> str:
+    """Return the list of payment pid's attempts."""
+    return f"{ledger_prefix(namespace)}a:{pid}"
+
+
+def ledger_webhook_message(namespace: str, pid: str) -> str:
+    """Return the string holding payment pid's webhook message (for `whiskypay resend`)."""
+    return f"{ledger_prefix(namespace)}w:{pid}"
+
+
+def ledger_time_index(namespace: str) -> str:
+    """Return the zset of every payment id by first-seen time (unix ms)."""
+    return f"{ledger_prefix(namespace)}t"
+
+
+def ledger_event_index(namespace: str, event_id: str) -> str:
+    """Return the set of payment ids (one per merchant) of event_id."""
+    return f"{ledger_prefix(namespace)}ev:{event_id}"
+
+
+def ledger_message_index(namespace: str, message_id: str) -> str:
+    """Return the string holding the payment id of message_id's job."""
+    return f"{ledger_prefix(namespace)}m:{message_id}"
+
+
+def ledger_webhook_index(namespace: str, webhook_id: str) -> str:
+    """Return the string holding the payment id of a webhook-id."""
+    return f"{ledger_prefix(namespace)}wh:{webhook_id}"
+
+
+def address_digest(address: str) -> str:
+    """Return sha256 of an address, lower-cased and stripped (128 bits, hex): the index never holds the address."""
+    import hashlib
+
+    return hashlib.sha256(address.strip().lower().encode()).hexdigest()[:32]
+
+
+def ledger_address_index(namespace: str, address: str) -> str:
+    """Return the set of payment ids that hold address."""
+    return f"{ledger_prefix(namespace)}addr:{address_digest(address)}"
+
+
+# The replay lane.
+
+
+def replay_lane(namespace: str, queue_name: str) -> str:
+    """Return the zset of queue_name's waiting replays (score = the order they were replayed in)."""
+    return f"{namespace}:{OURS}.replay:{queue_name}"
+
+
+def replay_lane_messages(namespace: str, queue_name: str) -> str:
+    """Return the hash of queue_name's waiting replays' messages (redis id -> encoded message)."""
+    return f"{replay_lane(namespace, queue_name)}.msgs"
+
+
+def replay_lane_pace(namespace: str, queue_name: str) -> str:
+    """Return the hash of queue_name's lane token bucket (`tokens`, `at`: unix ms of the last refill)."""
+    return f"{replay_lane(namespace, queue_name)}.pace"

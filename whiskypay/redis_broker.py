@@ -61,6 +61,7 @@ from redis.commands.core import Script
 
 from whiskypay import keys
 from whiskypay.errors import DuplicateEvent, InvalidPayload, NotReplicated
+from whiskypay.ledger import LEDGER_FUNCTION_LUA, take_pending
 from whiskypay.outcomes import failure_options
 from whiskypay.redaction import masked_sample
 from whiskypay.redis_errors import (
@@ -70,6 +71,7 @@ from whiskypay.redis_errors import (
     describe,
     report_configuration_error,
 )
+from whiskypay.replay import DEFAULT_REPLAY_RATE, LanePromoter
 
 #: Maintenance requeues dead workers' messages; ack and nack never trigger it (as in Dramatiq).
 _NO_MAINTENANCE = frozenset({"ack", "nack"})
@@ -120,6 +122,32 @@ redis.call("hset", messages, redis_id, data)
 redis.call("rpush", queue, redis_id)
 return {"enqueued"}
 """
+
+#: The tail of ENQUEUE_LUA the delivery ledger's pending record is inserted before (checked at import).
+_ENQUEUE_COMMIT = b"""redis.call("rpush", queue, redis_id)
+return {"enqueued"}
+"""
+
+#: ENQUEUE_LUA plus the delivery ledger's `pending` record (whiskypay.ledger), in the same call: after the RPUSH
+#: (the commit point), under pcall, so a refused ledger write never turns an accepted enqueue into an error;
+#: the reply then carries it: {"enqueued", "ledger: <error>"}. Extra KEYS[4..]: the ledger write's keys; extra
+#: ARGV[6], ARGV[7]: its op and ids (LedgerOp.args; its message is ARGV[2], the encoded message). Without
+#: them (no ledger, a worker's enqueue) it is ENQUEUE_LUA.
+_ENQUEUE_COMMIT_WITH_LEDGER = b"""redis.call("rpush", queue, redis_id)
+if #KEYS > 3 then
+    local ledger_keys = {}
+    for i = 4, #KEYS do ledger_keys[#ledger_keys + 1] = KEYS[i] end
+    local ok, problem = pcall(ledger_write, ledger_keys, {ARGV[6], data, ARGV[7]})
+    if not ok then
+        return {"enqueued", "ledger: " .. tostring(type(problem) == "table" and problem.err or problem)}
+    end
+end
+return {"enqueued"}
+"""
+ENQUEUE_WITH_LEDGER_LUA = LEDGER_FUNCTION_LUA.encode() + ENQUEUE_LUA.replace(
+    _ENQUEUE_COMMIT, _ENQUEUE_COMMIT_WITH_LEDGER
+)
+assert ENQUEUE_WITH_LEDGER_LUA.count(b"ledger_write, ledger_keys") == 1, "ENQUEUE_LUA's commit tail changed"
 
 #: Undo what a refused ENQUEUE_LUA call may have left: its reservation (only if it still names this message) and
 #: the message's hash entry (not in the queue's list: the RPUSH is the last command).
@@ -269,12 +297,14 @@ class WhiskyPayRedisBroker(RedisBroker):
       max_message_bytes: The largest encoded message a producer may enqueue (`InvalidPayload` otherwise).
       min_replica_acks: A producer's enqueue waits until this many replicas have it (`NotReplicated` otherwise).
       replica_ack_timeout_ms: The longest that wait lasts, in milliseconds (keep it under the socket timeout).
+      replay_rate: The most replays per second its consumers move from a queue's replay lane onto the queue.
       **kwargs: RedisBroker's (client, namespace, heartbeat_timeout, dead_message_ttl, middleware...).
     """
 
     def __init__(
         self, *, maintenance_interval_ms: int = 10_000, max_message_bytes: int | None = None,
-        min_replica_acks: int = 0, replica_ack_timeout_ms: int = 1_000, **kwargs: Any,
+        min_replica_acks: int = 0, replica_ack_timeout_ms: int = 1_000, replay_rate: float = DEFAULT_REPLAY_RATE,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self.maintenance_interval_ms = maintenance_interval_ms
@@ -286,7 +316,8 @@ class WhiskyPayRedisBroker(RedisBroker):
         self.waker = QueueWaker(self.client, self.namespace)
         # do_enqueue runs ENQUEUE_LUA; dispatch's own enqueue still publishes for any other caller of it.
         self.scripts["dispatch"] = self.client.register_script(_scripts["dispatch"] + keys.WAKE_ON_ENQUEUE_LUA)
-        self.scripts["whiskypay_enqueue"] = self.client.register_script(ENQUEUE_LUA)
+        self.scripts["whiskypay_enqueue"] = self.client.register_script(ENQUEUE_WITH_LEDGER_LUA)
+        self.lane = LanePromoter(self.client, self.namespace, rate=replay_rate)
         self.scripts["whiskypay_release"] = self.client.register_script(RELEASE_LUA)
         #: Set once a Redis configuration error made this worker stop taking messages (see `halt`).
         self.halted = threading.Event()
@@ -421,6 +452,9 @@ class WhiskyPayRedisBroker(RedisBroker):
             assert reservation is not None
             first = keys.text(reply[1])
             raise DuplicateEvent(f"{reservation.what} was already enqueued (message {first})", holder=first)
+        if len(reply) > 1:  # enqueued; the ledger's pending record was refused (a full Redis, say)
+            self.logger.warning("Message %s is enqueued but not entered in the delivery ledger (%s).",
+                                holder or message_id, keys.text(reply[1])[:200])
 
     def _enqueue_keys_args(
         self, queue_name: str, message_id: str, data: bytes, holder: str, reservation: Reservation | None
@@ -432,6 +466,11 @@ class WhiskyPayRedisBroker(RedisBroker):
             reservation.key if reservation else "",
         ]
         args = [message_id, data, holder, reservation.ttl_s if reservation else 0, self.waker.channel(queue_name)]
+        pending = take_pending(message_id)  # the delivery ledger's, staged by DeliveryLedger.before_enqueue
+        if pending is not None:
+            op, _, ids = pending.args()
+            names += pending.keys
+            args += [op, ids]
         return names, args
 
     def _enqueue_once(self, queue_name: str, names: list[str], args: list[Any]) -> Any:
@@ -627,6 +666,17 @@ class _WakingConsumer(_RedisConsumer):
             self.broker.waker.unregister(self.queue_name, self.wake)
             super().close()
 
+    def _promote_replays(self, room: int) -> tuple[int, int]:
+        """Move up to room replays from this queue's lane onto it; return (moved, ms until the lane's next token).
+
+        A delay queue has no lane. A Redis error is the fetch's (the caller's handler waits out a transient one
+        and halts on a configuration one).
+        """
+        if self.queue_name.endswith(".DQ"):
+            return 0, 0
+        moved, wait_ms = self.broker.lane.promote(self.queue_name, room, now_ms=current_millis())
+        return int(moved), int(wait_ms)
+
     def __next__(self) -> MessageProxy | None:
         try:
             while True:
@@ -646,11 +696,22 @@ class _WakingConsumer(_RedisConsumer):
                             self.queue_name, self.prefetch - self.outstanding_message_count
                         )
                     self.refusals = 0
+                    wait_ms = self.timeout
+                    # Replays take at most half the prefetch window (one per worker thread), so a new payment
+                    # always finds room to be fetched at once and at most one round of replays ahead of it.
+                    room = max(1, self.prefetch // 2) - self.outstanding_message_count
+                    if not messages and room > 0:
+                        # The queue is empty: serve the replay lane (whiskypay.replay), paced.
+                        moved, next_token_ms = self._promote_replays(room)
+                        if moved:
+                            continue
+                        if next_token_ms > 0:
+                            wait_ms = min(wait_ms, next_token_ms)
                     if not messages:
                         # Waiting the whole timeout is safe: enqueues and acks wake us, so the progressive
                         # backoff Dramatiq uses to notice new messages soon is not needed.
                         self.misses, _ = compute_backoff(self.misses, max_backoff=self.timeout)
-                        self.wake.wait(self.timeout / 1000)
+                        self.wake.wait(wait_ms / 1000)
                         return None
                     continue
                 if data is None:

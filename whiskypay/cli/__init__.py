@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 #: Modules that add subcommands, in `--help` order. Each imports what its commands need only when they run,
 #: so one command's dependencies (the dev stack's, the dashboard's) never break the others.
-COMMAND_MODULES = ("whiskypay.cli.dev", "whiskypay.cli.secret", "whiskypay.cli.ops", "whiskypay.cli.merchants",
+COMMAND_MODULES = ("whiskypay.cli.dev", "whiskypay.cli.secret", "whiskypay.cli.ops", "whiskypay.cli.ledger",
+                   "whiskypay.cli.merchants",
                    "whiskypay.cli.dashboard", "whiskypay.cli.health", "whiskypay.cli.check")
 
 

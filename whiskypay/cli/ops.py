@@ -14,6 +14,7 @@ import argparse
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from whiskypay import keys
 from whiskypay.breakers import BreakerStore
-from whiskypay.dead_letters import DeadLetter, dead_letter_count, iso_time, iter_dead_letters, redrive
+from whiskypay.dead_letters import (
+    DeadLetter,
+    dead_letter_count,
+    encode_message,
+    iso_time,
+    iter_dead_letters,
+    redrive_paced,
+)
 from whiskypay.errors import OpsError
 from whiskypay.queue_stats import merchant_counts, queue_counts
 from whiskypay.queues import Queue
@@ -292,15 +300,22 @@ def failed_command(args: argparse.Namespace) -> int:
 
 @_reports_errors
 def retry_command(args: argparse.Namespace) -> int:
-    """Re-drive dead letters of one queue onto it with a fresh attempt count; print what moved.
+    """Re-drive dead letters of one queue through its paced replay lane, with a fresh attempt count.
 
-    Which: --id (those), --all (every one) or --merchant (every one of that merchant).
+    Which: --id (those), --all (every one) or --merchant (every one of that merchant), each --since T.
     """
+    from whiskypay.cli.ledger import ledger_config
+    from whiskypay.ledger import LedgerWriter
+    from whiskypay.replay import lane_order
+
     client, namespace = _connect()
+    config = ledger_config(namespace)
+    writer = LedgerWriter(client)
     requested = frozenset(args.id or ())
     found: set[str] = set()
     rows: list[tuple[object, ...]] = []
     counts: dict[str, int] = {}
+    now_ms = int(time.time() * 1000)
     try:
         with client:
             for letter in iter_dead_letters(client, namespace, args.queue, newest_first=False):
@@ -311,12 +326,18 @@ def retry_command(args: argparse.Namespace) -> int:
                     if not matches:
                         continue
                     found |= matches
+                if args.since is not None and letter.failed_at_ms < args.since:
+                    continue
                 if letter.message is None:
                     result = "unreadable"
+                elif letter.erased:
+                    result = "erased"
                 elif args.dry_run:
                     result = "would re-drive"
                 else:
-                    result = redrive(client, namespace, letter)
+                    result, message = redrive_paced(client, namespace, letter, order=lane_order(now_ms, len(rows)))
+                    if result == "re-driven":
+                        _record_redrive(writer, config, message, now_ms)
                 counts[result] = counts.get(result, 0) + 1
                 rows.append((RESULT_TEXT.get(result, result), letter.message_id, letter.actor, letter.attempts,
                              letter.options.get("webhook_id")))
@@ -331,9 +352,30 @@ def retry_command(args: argparse.Namespace) -> int:
     whose = f" of merchant {args.merchant}" if args.merchant else ""
     dry = " (dry run: nothing moved)." if args.dry_run else "."
     print(f"{verb} {moved} dead letter(s){whose} onto {args.queue}{dry}")
+    if moved and not args.dry_run:
+        print("They wait in its replay lane: workers take them after fresh work, at most WHISKYPAY_REPLAY_RATE "
+              "per second.")
     if counts.get("unreadable"):
         print(f"Skipped {counts['unreadable']} unreadable dead letter(s); they stay in the dead-letter queue.")
+    if counts.get("erased"):
+        print(f"Skipped {counts['erased']} dead letter(s) whose address `whiskypay forget` erased; they cannot run.")
     return 1 if missing_ids or counts.get("unreadable") or counts.get("changed") else 0
+
+
+def _record_redrive(writer: Any, config: Any, message: dict[str, Any], now_ms: int) -> None:
+    """Enter a re-driven message in the delivery ledger as pending (its new delivery); a failure only warns."""
+    import redis
+
+    from whiskypay.ledger import MessageView, pending_op
+
+    op = pending_op(config, MessageView(message), now_ms=now_ms, replay=True)
+    if op is None:
+        return
+    try:
+        writer.write(op, data=encode_message(message))
+    except redis.RedisError as exc:
+        print(f"warning: {message.get('message_id')} was re-driven but not recorded in the ledger "
+              f"({type(exc).__name__})", file=sys.stderr)
 
 
 #: How retry_command names each result in its table.
@@ -343,6 +385,7 @@ RESULT_TEXT = {
     "gone": "gone (moved by another run, or expired)",
     "changed": "skipped (changed while read)",
     "unreadable": "skipped (unreadable JSON, left in place)",
+    "erased": "skipped (address erased by forget)",
 }
 
 
@@ -366,15 +409,32 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     failed.add_argument("--json", action="store_true", help="print JSON for scripts")
     failed.set_defaults(handler=failed_command)
 
-    retry = commands.add_parser("retry", help="re-drive dead letters onto their queue with a fresh attempt count")
+    retry = commands.add_parser(
+        "retry", help="re-drive dead letters (paced, after fresh work) with a fresh attempt count"
+    )
     retry.add_argument("--queue", choices=queues, required=True, help="the queue whose dead letters to re-drive")
     which = retry.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", action="extend", nargs="+", metavar="ID", help="message ids from `whiskypay failed`")
     which.add_argument("--all", action="store_true", help="every dead letter of the queue")
     which.add_argument("--merchant", type=merchant_id_argument, metavar="MERCHANT_ID",
                        help="every dead letter of this merchant on the queue")
+    retry.add_argument("--since", type=since_arg, help=f"only those failed since then: {SINCE_HELP}")
     retry.add_argument("--dry-run", action="store_true", help="show what would move; move nothing")
     retry.set_defaults(handler=retry_command)
+
+
+#: What `--since` takes, the same in every command.
+SINCE_HELP = "30m, 1h, 2d or an ISO-8601 time (UTC unless it says otherwise)"
+
+
+def since_arg(text: str) -> int:
+    """Parse a `--since` argument into unix ms (whiskypay.ledger.parse_since); argparse exits 2 on a bad one."""
+    from whiskypay.ledger import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:
