@@ -43,18 +43,18 @@ BACKLOG_MAX = 20_000
 class DeliveryLedger(Middleware):
     """Enter each job as `pending` at send() and record each attempt after its ack or nack.
 
-    At enqueue (producers only: a worker's enqueues are retries and delayed messages coming due) it stages the
-    pending record, which WhiskyPayRedisBroker writes in the same round trip as the enqueue. Before an attempt
-    it notes the attempt number (the `retries` option plus one, as `whiskypay failed` counts) and starts
-    collecting what the actor reports (`whiskypay.ledger.note_attempt`). After the attempt, once the retry
-    policy has decided (this middleware is listed before QueueRetryPolicy, so its after-hook runs after that
-    one's), it builds the write, and in after_ack/after_nack, once the message is acked, hands it to this
-    process's writer thread, which sends what has gathered as one pipeline (one round trip for every attempt
-    that finished meanwhile, at most BATCH_MAX): the worker thread never waits for the ledger, and a ledger
-    write that fails (logged, kept for the next round up to BACKLOG_MAX) can neither fail nor repeat a
-    delivery. A SIGKILLed worker loses the records it had not sent yet (a few milliseconds' worth). Outside a
-    worker (no writer thread) each record is written at once. A deferral (a slow host's cap) is not an
-    attempt and writes nothing.
+    At enqueue (producers only: a worker's enqueues are retries and delayed messages coming due) it stages
+    the pending record, which WhiskyPayRedisBroker writes in the enqueue's own Lua call
+    (ENQUEUE_WITH_LEDGER_LUA). Before an attempt it notes the attempt number (the `retries` option plus one,
+    as `whiskypay failed` counts) and starts collecting what the actor reports (`whiskypay.ledger.note_attempt`).
+    After the attempt, once the retry policy has decided (this middleware is listed before QueueRetryPolicy,
+    so its after-hook runs after that one's), it builds the write, and in after_ack/after_nack, once the
+    message is acked, hands it to this process's writer thread, which sends what has gathered as one pipeline
+    (one round trip for every attempt that finished meanwhile, at most BATCH_MAX): the worker thread never
+    waits for the ledger, and a ledger write that fails (logged; kept for the next round when the error may
+    pass, up to BACKLOG_MAX) can neither fail nor repeat a delivery. A SIGKILLed worker loses the records it
+    had not sent yet (a few milliseconds' worth). Outside a worker (no writer thread) each record is written
+    at once. A deferral (a slow host's cap) is not an attempt and writes nothing.
 
     Parameters:
       retention_s: How long records are kept, in seconds.

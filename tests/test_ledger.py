@@ -223,33 +223,32 @@ def test_a_deferral_is_not_an_attempt(
 
 def test_a_ledger_write_that_fails_never_fails_or_repeats_the_delivery(
     redis_client: redis.Redis, ledger_broker: WhiskyPayRedisBroker, run_worker: Callable[[], Worker],
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Given a Redis that answers every ledger write with an error reply (as a full noeviction Redis does)
-    def refuse(self: LedgerWriter, pipe: Any, op: Any, *, data: Any = b"") -> None:
-        pipe.execute_command("EVAL", "return redis.error_reply('OOM command not allowed (ledger test)')", 0)
-
-    monkeypatch.setattr(LedgerWriter, "queue", refuse)
+    # Given a payment key Redis refuses every ledger write to (WRONGTYPE: it holds a string)
+    key = ledger.payment_key(NAMESPACE, ledger.payment_id(event_id="pay_refused", merchant_id=None, message_id=""))
+    redis_client.set(key, "not a hash")
     calls = []
 
     @dramatiq.actor(broker=ledger_broker, actor_name="send_callback", queue_name="callbackQueue")
     def send_callback(**kwargs: Any) -> None:
         calls.append(1)
 
-    message = send_callback.send_with_options(kwargs=_callback_kwargs(), max_retries=0)
+    # When it is sent (the pending record is refused inside the enqueue's script) and delivered
+    send_callback.send_with_options(kwargs=_callback_kwargs(event_id="pay_refused"), max_retries=0)
     worker = run_worker()
     wait_until(lambda: calls, what="the delivery")
     ledger_broker.join("callbackQueue", timeout=5000)
     worker.join()
     # Then send() succeeded and the message ran once and was acked: nothing in flight, nothing dead-lettered;
-    # both failures (the pending record's at send(), the attempt's after the ack) were logged
-    wait_until(lambda: "Could not record" in caplog.text, what="the ledger failure logged")
+    # both refusals (the pending record's at send(), the attempt's after the ack) were logged
+    wait_until(lambda: "Could not record" in caplog.text, what="the attempt's failure logged")
     time.sleep(0.3)
     assert calls == [1]
     assert not dead_letters(redis_client, "callbackQueue")
-    assert not any(redis_client.scard(key) for key in redis_client.keys(f"{NAMESPACE}:__acks__*"))
-    assert "Could not enter message" in caplog.text
-    assert _payment(redis_client, message.message_id) is None
+    assert not any(redis_client.scard(k) for k in redis_client.keys(f"{NAMESPACE}:__acks__*"))
+    assert "is enqueued but not entered in the delivery ledger" in caplog.text and "WRONGTYPE" in caplog.text
+    assert redis_client.get(key) == b"not a hash"
 
 
 def _enter(client: redis.Redis, config: LedgerConfig, message: Message[Any], now_ms: int) -> None:
