@@ -477,3 +477,27 @@ def test_resend_dry_run_names_the_delivery_it_would_send_and_sends_nothing(
     assert redis_client.zcard(keys.replay_lane(NAMESPACE, "callbackQueue")) == 0
     status, out = _cli(capsys, "resend", "pay_missing")
     assert status == 1 and "not found" in out
+
+
+def test_a_parked_callback_is_parked_in_the_ledger_and_only_an_attempt_made_is_a_row(redis_client: redis.Redis) -> None:
+    from whiskypay.errors import Parked
+
+    now = int(time.time() * 1000)
+    message = _callback(event_id="pay_parked", merchant_id="acme")
+    _enter(redis_client, CONFIG, message, now)
+    writer = LedgerWriter(redis_client)
+    # An attempt that failed and was parked by its merchant's breaker: a row, and the state parked
+    message.options["parked"] = True
+    op = ledger.attempt_op(CONFIG, message, attempt=1, notes=[], failed=False, now_ms=now, started_ms=now,
+                           duration_ms=1.0, exception=HttpStatusError("HTTP 503", http_status=503))
+    assert op is not None
+    writer.write(op)
+    # A later one parked before it ran (the breaker was open): no row
+    del message.options["parked"]
+    op = ledger.attempt_op(CONFIG, message, attempt=2, notes=[], failed=False, now_ms=now, started_ms=now,
+                           duration_ms=0.0, exception=Parked("merchant acme is unreachable: parked"))
+    assert op is not None
+    writer.write(op)
+    payment = _payment(redis_client, "pay_parked")
+    assert payment is not None and payment.webhook_state == "parked"
+    assert [(row["n"], row["o"], row.get("c")) for row in payment.rows] == [(1, "failed", 503)]

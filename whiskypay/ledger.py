@@ -465,11 +465,16 @@ def attempt_op(
       duration_ms: How long the whole attempt took, for a row the actor did not note.
       error: The error text to record instead of the exception's (a message failed before it ran).
     """
-    from whiskypay.errors import Deferred
+    from whiskypay.outcomes import classify
 
     kind = job_kind(message.actor_name)
-    if kind is None or isinstance(exception, Deferred):
+    if kind is None:
         return None
+    outcome = classify(_Failed(message, failed), exception)
+    if outcome.attempt == "deferred":
+        # Not an attempt: a slow host's cap writes nothing; a callback parked before it ran (its merchant's
+        # breaker is open) shows as parked.
+        return state_op(config, message, "parked", now_ms=now_ms) if outcome.disposition == "parked" else None
     pid, init, index, base_keys = _build(config, message, now_ms=now_ms, first=attempt == 1)
     if exception is not None:
         error = one_line(error or error_summary(exception))
@@ -486,7 +491,9 @@ def attempt_op(
             rows.append(_row("w", delivery=delivery, attempt=attempt, at_ms=started_ms,
                              outcome="failed" if exception is not None else "delivered",
                              code=code, duration_ms=duration_ms, error=error))
-        state = "delivered" if exception is None else "failed" if failed else "retrying"
+        state = {"delivered": "delivered", "dead_lettered": "failed", "parked": "parked"}.get(
+            outcome.disposition or outcome.attempt, "retrying"
+        )
         states.append(["w.state", state, delivery])
     else:
         sent = {note.job for note in notes if note.outcome == "delivered"}
@@ -530,6 +537,14 @@ class MessageView:
         self.message_id = str(message.get("message_id"))
         self.kwargs: dict[str, Any] = message.get("kwargs") or {}
         self.options: dict[str, Any] = message.get("options") or {}
+
+
+class _Failed:
+    """A message seen with the failed flag the caller gives (outcomes.classify reads `failed` and `options`)."""
+
+    def __init__(self, message: Message[Any] | Any, failed: bool) -> None:
+        self.failed = failed
+        self.options = message.options
 
 
 class LedgerWriter:
