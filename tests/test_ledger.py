@@ -391,6 +391,10 @@ def test_retry_of_one_merchant_since_a_time_moves_only_its_newer_dead_letters_in
     assert "retries" not in moved["options"] and moved["options"][ledger.DELIVERY_OPTION] == 2
     left = {letter["message_id"] for letter in dead_letters(redis_client, "callbackQueue")}
     assert left == {old_acme, other, none}
+    # And `status` says one replay waits in callbackQueue's lane
+    status, out = _cli(capsys, "status", "--json")
+    assert json.loads(out)["replays_waiting"] == {"callbackQueue": 1, "emailQueue": 0, "maintenanceQueue": 0}
+    assert "Replays waiting" in _cli(capsys, "status")[1]
     # And the ledger has it as pending again
     payment = _payment(redis_client, new_acme)
     assert payment is not None and payment.webhook_state == "pending"

@@ -231,16 +231,21 @@ def _queues(args: argparse.Namespace) -> list[str]:
 @_reports_errors
 def status_command(args: argparse.Namespace) -> int:
     """Print each queue's waiting, delayed, in-flight and dead-lettered messages and its outcome counters."""
+    from whiskypay.replay import lane_size
+
     client, namespace = _connect()
     with client:
         parked = parked_by_queue(client, namespace, args.merchant)
         statuses = [queue_status(client, namespace, queue, args.merchant, parked=parked.get(queue, 0))
                     for queue in _queues(args)]
+        replays = {queue: lane_size(client, namespace, queue) for queue in _queues(args)}
     if args.json:
         document: dict[str, Any] = {"namespace": namespace}
         if args.merchant:
             document["merchant_id"] = args.merchant
-        print(json.dumps({**document, "queues": {s.queue: s.summary() for s in statuses}}, indent=2))
+        document["queues"] = {s.queue: s.summary() for s in statuses}
+        document["replays_waiting"] = replays  # resends and re-drives in each queue's replay lane
+        print(json.dumps(document, indent=2))
         return 0
     if args.merchant:
         print(f"Merchant {args.merchant}:")
@@ -252,6 +257,9 @@ def status_command(args: argparse.Namespace) -> int:
         for s in statuses
     ]
     print(format_table(headers, rows, right=range(1, 8)))
+    waiting = ", ".join(f"{queue} {count:,}" for queue, count in replays.items() if count)
+    if waiting:
+        print(f"Replays waiting (resend, retry; taken after fresh work, at most WHISKYPAY_REPLAY_RATE/s): {waiting}")
     return 0
 
 
