@@ -36,9 +36,11 @@ Parameters:
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -48,8 +50,10 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import q_name
 from dramatiq.logging import get_logger
 
-from whiskypay.breakers import BreakerStore, BreakerView, dead_letter_data
+from middleware.ledger import DeliveryLedger
+from whiskypay.breakers import BreakerStore, BreakerView, Expired, dead_letter_data
 from whiskypay.errors import Deferred, Parked
+from whiskypay.ledger import MessageView, set_job_state
 from whiskypay.merchants import CALLBACK_ACTOR, Breaker, is_outage, merchant_of, park_limit_reason
 from whiskypay.outcomes import record_failure
 from whiskypay.redaction import url_host
@@ -95,6 +99,8 @@ class MerchantBreakers(Middleware):
         self._thread: threading.Thread | None = None
         self._redis_error_logged = False
         self._configuration_reported = False
+        #: Marks park-limit dead letters `failed` in the delivery ledger (set at boot when the ledger is on).
+        self.ledger: Callable[[list[Expired]], None] | None = None
 
     # ---------------------------------------------------------------------------------------------------------------
     # lifecycle
@@ -112,6 +118,19 @@ class MerchantBreakers(Middleware):
         waker = getattr(broker, "waker", None)
         if waker is not None:
             waker.listen(store.channel, self._heard)
+        ledger = next((m for m in broker.middleware if isinstance(m, DeliveryLedger)), None)
+        if ledger is not None and isinstance(broker, RedisBroker):
+            config, client = ledger.config(broker), broker.client
+
+            def mark_failed(rows: list[Expired]) -> None:
+                for row in rows:
+                    try:
+                        set_job_state(client, config, MessageView(json.loads(row.data)), "failed")
+                    except (redis.RedisError, ValueError) as exc:  # the ledger must never hold up a dead letter
+                        self.logger.debug("Could not mark %s failed in the ledger (%s).", row.redis_id,
+                                          type(exc).__name__)
+
+            self.ledger = mark_failed
         try:
             self.refresh()
         except redis.RedisError as exc:
@@ -365,6 +384,8 @@ class MerchantBreakers(Middleware):
         report = reported != episode
         moved = store.dead_letter(breaker.merchant, queue=queue, letters=letters,
                                   reported_since=episode if report else None)
+        if moved and self.ledger is not None:
+            self.ledger(rows)
         if moved:
             self.view.update(breaker.merchant, parked=max(0, breaker.parked - moved))
             self.logger.warning("Dead-lettered %d parked callback(s) of merchant %s: %s.", moved, breaker.merchant,

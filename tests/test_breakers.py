@@ -187,7 +187,7 @@ def test_exactly_one_probe_per_interval_across_workers_oldest_first_to_the_queue
     assert [s.take_probe(M, queue=QUEUE, probe_interval_ms=300)[0] for s in (other, store)] == [True, False]
 
 
-def test_a_held_merchant_is_never_probed_and_closing_it_releases_oldest_first_at_the_rate(
+def test_a_held_merchant_is_never_probed_and_closing_it_releases_oldest_first_at_the_rate_into_the_lane(
     store: BreakerStore, redis_client: redis.Redis
 ) -> None:
     assert store.operate(M, "open", queue=QUEUE) == "none"
@@ -204,9 +204,22 @@ def test_a_held_merchant_is_never_probed_and_closing_it_releases_oldest_first_at
     assert store.release(M, queue=QUEUE, rate=20) == (2, 1)
     time.sleep(0.11)
     assert store.release(M, queue=QUEUE, rate=20) == (1, 0)
-    assert redis_client.lrange(keys.queue(NAMESPACE, QUEUE), 0, -1) == [b"rid-1", b"rid-2", b"rid-3", b"rid-4",
-                                                                          b"rid-5"]
-    assert redis_client.keys(f"{NAMESPACE}:whiskypay.*") == []
+    # Into the queue's replay lane (served after fresh work), in the order they were sent
+    lane = keys.replay_lane(NAMESPACE, QUEUE)
+    assert redis_client.zrange(lane, 0, -1) == [b"rid-1", b"rid-2", b"rid-3", b"rid-4", b"rid-5"]
+    assert redis_client.hget(keys.replay_lane_messages(NAMESPACE, QUEUE), "rid-1") is not None
+    assert [k for k in redis_client.keys(f"{NAMESPACE}:whiskypay.*") if b".replay:" not in k] == []
+
+
+def test_a_release_waits_while_the_lane_holds_a_seconds_worth(store: BreakerStore, redis_client: redis.Redis) -> None:
+    store.operate(M, "open", queue=QUEUE)
+    for n in range(4):
+        park(store, n)
+    store.operate(M, "close", queue=QUEUE)
+    redis_client.zadd(keys.replay_lane(NAMESPACE, QUEUE), {f"other-{n}": n for n in range(10)})  # 10 replays wait
+    assert store.release(M, queue=QUEUE, rate=10) == (0, 4)  # a second's worth (10) is already waiting
+    redis_client.zremrangebyrank(keys.replay_lane(NAMESPACE, QUEUE), 0, 0)
+    assert store.release(M, queue=QUEUE, rate=10) == (1, 3)
 
 
 def test_callbacks_parked_past_the_limit_are_dead_lettered_once_with_their_reason(

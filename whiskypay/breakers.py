@@ -7,9 +7,10 @@ script finds one due moves it on, so there is exactly one probe per interval acr
 
 Parked callbacks wait in ONE place per merchant: a zset of redis ids scored by the message's original
 `message_timestamp` (oldest first, whatever order they were parked in), their encoded messages in a hash. They
-are in no Dramatiq queue, so no worker prefetches them and no thread holds them. A probe or a release moves a
-message back onto its queue exactly as Dramatiq's enqueue writes it (HSET `Q.msgs`, RPUSH `Q`, and our wake-up
-PUBLISH); a probe goes to the head of the queue so it runs next.
+are in no Dramatiq queue, so no worker prefetches them and no thread holds them. A probe moves a message back
+onto its queue exactly as Dramatiq's enqueue writes it (HSET `Q.msgs`, LPUSH to the head so it runs next, and our
+wake-up PUBLISH); a release moves messages into the queue's paced replay lane (`whiskypay.replay`), which workers
+serve only when no fresh work waits.
 
 `BreakerView` is what a worker process knows without asking Redis: the merchants with a breaker record, their
 state and failure count. It is replaced by `BreakerStore.snapshot` every second and patched between snapshots
@@ -162,26 +163,29 @@ return {1, after}
 """
 
 #: Release a closed merchant's parked messages, oldest first, ARGV[2] at a time, paced at ARGV[1] per second
-#: across all workers. KEYS: breaker, index, parked, parked msgs, parked at, queue msgs, queue. ARGV: rate, batch,
-#: merchant, wake channel. Returns {released, left} (left = -1: the breaker is open again).
+#: across all workers, into the queue's replay lane (`whiskypay.replay`: workers take them only when no fresh work
+#: waits, at WHISKYPAY_REPLAY_RATE), and only while the lane holds fewer than ARGV[5] (so the rest stay parked,
+#: in order, should the merchant fail again). KEYS: breaker, index, parked, parked msgs, parked at, lane, lane msgs.
+#: ARGV: rate, batch, merchant, wake channel, lane limit. Returns {released, left} (left = -1: the breaker is open
+#: again).
 RELEASE_LUA = _NOW + """
 if redis.call("hget", KEYS[1], "state") == "open" then
     return {0, -1}
 end
 local due = tonumber(redis.call("hget", KEYS[1], "release_next") or "0")
-if now < due then
+if now < due or redis.call("zcard", KEYS[6]) >= tonumber(ARGV[5]) then
     return {0, redis.call("zcard", KEYS[3])}
 end
 local ids = redis.call("zrange", KEYS[3], 0, tonumber(ARGV[2]) - 1)
 local moved = 0
-for _, rid in ipairs(ids) do
+for i, rid in ipairs(ids) do
     local data = redis.call("hget", KEYS[4], rid)
     redis.call("zrem", KEYS[3], rid)
     redis.call("hdel", KEYS[4], rid)
     redis.call("zrem", KEYS[5], rid)
     if data then
-        redis.call("hset", KEYS[6], rid, data)
-        redis.call("rpush", KEYS[7], rid)
+        redis.call("hset", KEYS[7], rid, data)
+        redis.call("zadd", KEYS[6], now * 1000 + i, rid)  -- replay.lane_order: oldest first
         moved = moved + 1
     end
 end
@@ -393,19 +397,20 @@ class BreakerStore:
         return bool(taken), int(after)
 
     def release(self, merchant: str, *, queue: str, rate: float, tick_s: float = 0.1) -> tuple[int, int]:
-        """Put the next batch of a closed merchant's parked messages back on queue, paced at rate per second.
+        """Move the next batch of a closed merchant's parked messages into queue's replay lane, paced at rate.
 
         Parameters:
           rate: Messages per second, across all workers.
           tick_s: How often the caller releases: a batch is what the rate allows per tick (at least one).
 
-        Returns (released now, still parked); still parked is -1 when the breaker is open again.
+        The lane holds at most a second's worth (rate, at least one batch); the rest wait parked. Returns (released
+        now, still parked); still parked is -1 when the breaker is open again.
         """
         ns = self.namespace
         batch = max(1, int(rate * tick_s))
-        names = [*self._park_keys(merchant), keys.messages(ns, queue), keys.queue(ns, queue)]
+        names = [*self._park_keys(merchant), keys.replay_lane(ns, queue), keys.replay_lane_messages(ns, queue)]
         moved, left = self._scripts["release"](
-            keys=names, args=[rate, batch, merchant, keys.wake_channel(ns, queue)]
+            keys=names, args=[rate, batch, merchant, keys.wake_channel(ns, queue), max(batch, int(rate))]
         )
         return int(moved), int(left)
 

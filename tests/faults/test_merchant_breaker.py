@@ -48,6 +48,14 @@ def parked(merchant: str = DOWN) -> int:
     return int(merchants().get(merchant, {}).get("parked", 0))
 
 
+def webhook_state(webhook_id: str) -> str | None:
+    """Return the delivery ledger's state of a webhook (`whiskypay event ID --json`)."""
+    status, out = run_cli("event", webhook_id, "--json")
+    assert status == 0, out
+    webhook: dict[str, Any] = json.loads(out)["webhook"]
+    return webhook["state"]
+
+
 def latencies(receiver: HttpReceiver, sent: list[tuple[str, int, float]]) -> list[float]:
     """Return each healthy callback's time from send() to its arrival, in seconds."""
     arrived = {hit.headers["webhook-id"]: hit.at for hit in receiver.requests("/ok")}
@@ -68,7 +76,7 @@ def test_a_merchant_down_is_tripped_parked_probed_and_replayed_oldest_first_whil
     receiver.respond("/ok", Response(200))
     start_workers(
         env={**env, "WHISKYPAY_BREAKER_FAILURES": str(threshold), "WHISKYPAY_BREAKER_PROBE_INTERVAL_MS": "1000",
-             "WHISKYPAY_BREAKER_RELEASE_RATE": "50"},
+             "WHISKYPAY_BREAKER_RELEASE_RATE": "50", "WHISKYPAY_REPLAY_RATE": "50"},  # the lane's pace: as fast
         threads=4,
     )
     ok_url = f"http://localhost:{receiver.port}/ok"
@@ -86,6 +94,7 @@ def test_a_merchant_down_is_tripped_parked_probed_and_replayed_oldest_first_whil
     assert state["last_error"] == "HttpStatusError: HTTP 503 from 127.0.0.1"
     _, out = run_cli("status", "--json")
     assert json.loads(out)["queues"]["callbackQueue"]["parked"] >= 199
+    assert webhook_state(down[-1][0]) == "parked"  # the delivery ledger says so too
     tripped_at = time.monotonic()
     # And a healthy merchant's callbacks sent now, with 200 parked next to them, keep their latency
     during: list[tuple[str, int, float]] = []
@@ -145,8 +154,8 @@ def test_a_merchant_down_is_tripped_parked_probed_and_replayed_oldest_first_whil
         f"merchant breaker: 200 callbacks to a merchant down, {len(down_hits)} requests while down over "
         f"{elapsed:.1f} s (threshold {threshold}, {len(probes)} probe(s) at {interval_s:.0f} s intervals); "
         f"all 200 delivered oldest first once back ({out_of_order} neighbour pair(s) swapped by concurrent threads, "
-        f"none more than {displacement} place(s) off), in {done_s:.1f} s (release 50/s), 0 dead letters; healthy "
-        f"merchant p50 latency {statistics.median(usual) * 1000:.0f} ms before, "
+        f"none more than {displacement} place(s) off), in {done_s:.1f} s (release and replay lane 50/s), 0 dead "
+        f"letters; healthy merchant p50 latency {statistics.median(usual) * 1000:.0f} ms before, "
         f"{statistics.median(now) * 1000:.0f} ms with 200 parked (max {max(now) * 1000:.0f} ms)"
     )
 
@@ -187,6 +196,7 @@ def test_two_workers_send_one_probe_per_interval_and_give_up_after_the_park_limi
     assert all(reason.startswith(f"ParkLimitExceeded: merchant {DOWN} unreachable since 20") for reason in reasons)
     assert all("past WHISKYPAY_PARK_MAX_MS (4000 ms)" in reason for reason in reasons), reasons
     assert {letter["options"]["failure_class"] for letter in letters} == {"ParkLimitExceeded"}
+    assert webhook_state(sent[-1][0]) == "failed"  # and so does the delivery ledger
     # And Sentry heard once that the breaker opened and once of the dead letters, both tagged with the merchant
     time.sleep(1.0)
     events = sentry.events()

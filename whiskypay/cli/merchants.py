@@ -61,8 +61,8 @@ def breaker_command(args: argparse.Namespace) -> int:
         print(f"{args.merchant} has no breaker record: nothing to close (merchants are named by merchant_id, "
               "else callback host; see `whiskypay merchants`).")
         return 1
-    print(f"Breaker of {args.merchant} is closed (was {was}): its {count} parked callback(s) go back to the queue "
-          "oldest first, at WHISKYPAY_BREAKER_RELEASE_RATE per second.")
+    print(f"Breaker of {args.merchant} is closed (was {was}): its {count} parked callback(s) go back oldest first "
+          "through the replay lane, at most WHISKYPAY_BREAKER_RELEASE_RATE per second.")
     return 0
 
 
