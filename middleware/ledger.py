@@ -26,6 +26,7 @@ from whiskypay.ledger import (
     start_notes,
     take_notes,
 )
+from whiskypay.redis_errors import classify_redis_error
 
 #: How often a failing ledger write is logged at warning level, in seconds (the others at debug).
 ERROR_LOG_INTERVAL_S = 60.0
@@ -33,7 +34,7 @@ ERROR_LOG_INTERVAL_S = 60.0
 #: How long the writer thread lets attempt records gather before it sends them, in seconds.
 GATHER_S = 0.005
 
-#: The most attempt records one pipeline carries.
+#: The most attempt records one script call carries.
 BATCH_MAX = 500
 
 #: The most attempt records a worker process holds while Redis refuses them; beyond it the oldest are dropped.
@@ -49,8 +50,8 @@ class DeliveryLedger(Middleware):
     as `whiskypay failed` counts) and starts collecting what the actor reports (`whiskypay.ledger.note_attempt`).
     After the attempt, once the retry policy has decided (this middleware is listed before QueueRetryPolicy,
     so its after-hook runs after that one's), it builds the write, and in after_ack/after_nack, once the
-    message is acked, hands it to this process's writer thread, which sends what has gathered as one pipeline
-    (one round trip for every attempt that finished meanwhile, at most BATCH_MAX): the worker thread never
+    message is acked, hands it to this process's writer thread, which sends what has gathered in one script
+    call (one round trip for every attempt that finished meanwhile, at most BATCH_MAX): the worker thread never
     waits for the ledger, and a ledger write that fails (logged; kept for the next round when the error may
     pass, up to BACKLOG_MAX) can neither fail nor repeat a delivery. A SIGKILLed worker loses the records it
     had not sent yet (a few milliseconds' worth). Outside a worker (no writer thread) each record is written
@@ -185,7 +186,7 @@ class DeliveryLedger(Middleware):
             self._errors = 0
 
     def flush(self, broker: RedisBroker) -> int:
-        """Send the gathered attempt records as one pipeline; return how many were written.
+        """Send the gathered attempt records in one script call (LEDGER_BATCH_LUA); return how many were written.
 
         Records Redis refused for a reason that may pass (unreachable, OOM, loading...) go back to the front of
         the backlog for the next round; those it refuses otherwise are dropped and logged.
@@ -194,30 +195,21 @@ class DeliveryLedger(Middleware):
             batch = [self._backlog.popleft() for _ in range(min(len(self._backlog), BATCH_MAX))]
         if not batch:
             return 0
-        writer = self.writer(broker)
-        pipe = broker.client.pipeline(transaction=False)
-        for op in batch:
-            writer.queue(pipe, op)
         try:
-            replies = pipe.execute(raise_on_error=False)
-        except redis.RedisError as exc:  # the connection: keep them all for the next round
-            with self._wanted:
-                self._backlog.extendleft(reversed(batch))
+            replies = self.writer(broker).write_batch(batch)
+        except redis.RedisError as exc:
+            if classify_redis_error(exc) == "transient":  # kept whole for the next round
+                with self._wanted:
+                    self._backlog.extendleft(reversed(batch))
             self._failed(len(batch), exc)
             return 0
         written, retry = 0, []
         for op, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, redis.exceptions.NoScriptError):
-                try:
-                    writer.write(op)  # loads the script
-                    written += 1
-                except redis.RedisError as exc:
+            if isinstance(reply, str) and reply.startswith("error: "):
+                refused = redis.ResponseError(reply[len("error: "):])
+                if classify_redis_error(refused) == "transient":
                     retry.append(op)
-                    self._failed(1, exc)
-            elif isinstance(reply, redis.RedisError):
-                if _transient(reply):
-                    retry.append(op)
-                self._failed(1, reply)
+                self._failed(1, refused)
             else:
                 written += 1
         if retry:
@@ -236,7 +228,7 @@ class DeliveryLedger(Middleware):
                         self._wanted.wait()
                     if self._stopping and not self._backlog:
                         return
-                    # Let the attempts finishing meanwhile join this round: one pipeline for all of them.
+                    # Let the attempts finishing meanwhile join this round: one script call for all of them.
                     self._wanted.wait(GATHER_S)
                 if not self.flush(broker):
                     time.sleep(0.5)  # Redis refused everything: wait a little before the next try
@@ -259,12 +251,3 @@ class DeliveryLedger(Middleware):
 
     def after_nack(self, broker: Broker, message: MessageProxy) -> None:
         self._write(broker, message)
-
-
-#: Error replies that pass by themselves (PLAN: the transient kind), so their records are kept and retried.
-_TRANSIENT_REPLIES = ("OOM", "LOADING", "BUSY", "READONLY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
-
-
-def _transient(reply: redis.RedisError) -> bool:
-    # Until one classifier exists (issue 9, whiskypay/redis_errors.py), the same list as PLAN's.
-    return str(reply).startswith(_TRANSIENT_REPLIES)

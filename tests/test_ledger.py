@@ -505,3 +505,27 @@ def test_a_parked_callback_is_parked_in_the_ledger_and_only_an_attempt_made_is_a
     payment = _payment(redis_client, "pay_parked")
     assert payment is not None and payment.webhook_state == "parked"
     assert [(row["n"], row["o"], row.get("c")) for row in payment.rows] == [(1, "failed", 503)]
+
+
+def test_one_refused_record_in_a_batch_loses_none_of_the_others(
+    redis_client: redis.Redis, ledger_broker: WhiskyPayRedisBroker
+) -> None:
+    from middleware.ledger import DeliveryLedger
+    from whiskypay.broker import middleware_of
+
+    now = int(time.time() * 1000)
+    messages = [_callback(event_id=f"pay_batch_{n}") for n in range(3)]
+    redis_client.set(ledger.payment_key(NAMESPACE, ledger.message_payment_id(messages[1])), "not a hash")
+    middleware = middleware_of(ledger_broker, DeliveryLedger)
+    for message in messages:
+        op = ledger.attempt_op(CONFIG, message, attempt=1, notes=[], exception=None, failed=False, now_ms=now,
+                               started_ms=now, duration_ms=1.0)
+        assert op is not None
+        middleware._backlog.append(op)
+    # When the writer sends them in one call, the middle one refused (WRONGTYPE)
+    assert middleware.flush(ledger_broker) == 2
+    # Then the other two are recorded, and the refused one is dropped (a configuration error), not retried
+    assert [(_payment(redis_client, m.kwargs["event_id"]) or Payment("", {})).webhook_state for m in messages] == [
+        "delivered", None, "delivered"
+    ]
+    assert not middleware._backlog

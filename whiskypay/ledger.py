@@ -205,6 +205,26 @@ LEDGER_LUA = LEDGER_FUNCTION_LUA + """
 return ledger_write(KEYS, ARGV)
 """
 
+#: Many attempt records in one call (a worker's writer thread). ARGV[1]: the ledger prefix; then three per
+#: record: its payment id, its op, its ids (LedgerOp.args; no message, and no index key beyond the payment's
+#: own four, which are built here from the prefix). Each record runs under pcall: the reply is one entry per
+#: record, its ledger_write result or "error: <the error>", so one refused record never loses the others.
+LEDGER_BATCH_LUA = LEDGER_FUNCTION_LUA + """
+local prefix = ARGV[1]
+local results = {}
+for i = 2, #ARGV, 3 do
+    local pid = ARGV[i]
+    local names = {prefix .. "p:" .. pid, prefix .. "a:" .. pid, prefix .. "t", prefix .. "w:" .. pid}
+    local ok, result = pcall(ledger_write, names, {ARGV[i + 1], "", ARGV[i + 2]})
+    if ok then
+        results[#results + 1] = result
+    else
+        results[#results + 1] = "error: " .. tostring(type(result) == "table" and result.err or result)
+    end
+end
+return results
+"""
+
 
 @dataclass(frozen=True)
 class LedgerOp:
@@ -508,7 +528,7 @@ def attempt_op(
         for role, _ in ROLES:
             states.append([f"e.{role[0]}.state", "sent" if role in sent else job_state, 0])
     return _op(config, pid, base_keys, now_ms=now_ms, init=init, index=index, states=states, attempts=rows,
-               set_fields=["last", str(now_ms)], store_message=kind == "webhook" and attempt == 1,
+               set_fields=["last", str(now_ms)],
                entered="w.mid" if kind == "webhook" else "e.mid")
 
 
@@ -557,6 +577,26 @@ class LedgerWriter:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.sha = hashlib.sha1(LEDGER_LUA.encode()).hexdigest()
+        self.batch_sha = hashlib.sha1(LEDGER_BATCH_LUA.encode()).hexdigest()
+
+    def write_batch(self, ops: Sequence[LedgerOp]) -> list[Any]:
+        """Run many attempt records in one call (LEDGER_BATCH_LUA); return one reply per record.
+
+        A reply is the script's result, or text starting "error: " for a record Redis refused. Raises
+        redis.RedisError when the call itself fails (nothing was written then, or all of it).
+        """
+        import redis
+
+        args: list[Any] = [ops[0].op["prefix"]] if ops else []
+        for op in ops:
+            core, _, ids = op.args()
+            args += [op.op["pid"], core, ids]
+        try:
+            replies = self.client.evalsha(self.batch_sha, 0, *args)
+        except redis.exceptions.NoScriptError:
+            self.client.script_load(LEDGER_BATCH_LUA)
+            replies = self.client.evalsha(self.batch_sha, 0, *args)
+        return [_text(reply) if isinstance(reply, bytes) else reply for reply in replies]
 
     def queue(self, pipe: Any, op: LedgerOp, *, data: bytes | str = b"") -> None:
         """Queue op on pipe; its reply is the script's, or a NoScriptError (then call `write`)."""
