@@ -34,8 +34,8 @@ ERROR_LOG_INTERVAL_S = 60.0
 #: How long the writer thread lets attempt records gather before it sends them, in seconds.
 GATHER_S = 0.005
 
-#: The most attempt records one script call carries.
-BATCH_MAX = 500
+#: The most attempt records one script call carries (about 16 us of Redis each: a call blocks Redis 2 ms at most).
+BATCH_MAX = 100
 
 #: The most attempt records a worker process holds while Redis refuses them; beyond it the oldest are dropped.
 BACKLOG_MAX = 20_000
