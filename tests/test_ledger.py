@@ -529,3 +529,24 @@ def test_one_refused_record_in_a_batch_loses_none_of_the_others(
         "delivered", None, "delivered"
     ]
     assert not middleware._backlog
+
+
+@pytest.mark.parametrize("argv", [["event", "pay_x"], ["events"], ["reconcile", "--since", "1h"], ["resend", "pay_x"],
+                                  ["forget", "--email", "a@example.com"]])
+def test_every_ledger_command_exits_2_naming_the_setting_when_redis_is_unreachable(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from settings import get_settings
+    from whiskypay.devstack import free_port
+
+    monkeypatch.setenv("WHISKYPAY_REDIS_URL", f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    get_settings.cache_clear()
+    try:
+        from whiskypay.cli import main
+
+        status = main(argv)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert status == 2 and "WHISKYPAY_REDIS_URL" in err and "hunter2" not in err
