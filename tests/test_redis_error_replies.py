@@ -443,3 +443,45 @@ def test_redis_running_out_of_memory_right_after_an_smtp_250_sends_no_second_cop
 
 def acks_of(admin: redis.Redis, namespace: str) -> int:
     return sum(int(admin.scard(key)) for key in admin.keys(f"{namespace}:__acks__.*"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the delivery ledger's writer keeps what Redis refuses for a while (review)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["oom", "readonly"])
+def test_an_attempt_record_redis_refuses_for_a_while_is_kept_and_written_once_it_accepts_writes(
+    server, admin, kind
+):
+    # Given a worker's ledger holding one record, and a Redis that refuses writes (redis-py strips the OOM /
+    # READONLY code from the error's text, so only its class or status_code tells the kind)
+    from middleware.ledger import DeliveryLedger
+    from whiskypay.ledger import LedgerConfig, pending_op
+
+    broker = make_broker(server.url)
+    ledger_mw = DeliveryLedger(retention_s=3600, max_payments=100)
+    config = LedgerConfig(namespace=NS, retention_s=3600, max_payments=100)
+    message: Message[Any] = Message(
+        queue_name="callbackQueue", actor_name="send_callback", args=(),
+        kwargs={"callback_url": "https://m.example/h", "email": "b@example.com", "plan": "p", "price": 1,
+                "event_id": "pay_kept"}, options={"redis_message_id": "r-1"},
+    )
+    op = pending_op(config, message, now_ms=int(time.time() * 1000))
+    assert op is not None
+    ledger_mw._backlog.append(op)
+    fault = Fault(admin, kind)
+    fault.start()
+    try:
+        assert_refuses_writes(admin, kind)
+        # When the writer sends it while Redis refuses it
+        assert ledger_mw.flush(broker) == 0
+        # Then it is kept for the next round
+        assert len(ledger_mw._backlog) == 1
+    finally:
+        fault.clear()
+    # And once Redis accepts writes again it is written
+    assert ledger_mw.flush(broker) == 1
+    assert not ledger_mw._backlog
+    assert admin.keys(keys.ledger_prefix(NS) + "*")
+    broker.close()
