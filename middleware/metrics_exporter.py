@@ -24,6 +24,10 @@ from typing import Any
 from dramatiq.logging import get_logger
 from dramatiq.middleware import prometheus
 
+#: The longest a probe or scraper may take to send its request, in seconds: a connection that sends nothing (or
+#: trickles its headers) is closed after it, instead of holding a server thread and its socket forever.
+REQUEST_TIMEOUT_S = 10.0
+
 
 def use_multiprocess_dir() -> str:
     """Point prometheus_client at Dramatiq's multiprocess directory; call before prometheus_client is imported."""
@@ -146,6 +150,21 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         get_logger(__name__, type(self)).debug(format, *args)
 
 
+def metrics_handler(
+    *, gauges: QueueGauges | None = None, liveness: Probe | None = None, readiness: Probe | None = None,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
+) -> type[BaseHTTPRequestHandler]:
+    """Return the request handler class serving /metrics, /healthz and /readyz with these gauges and probes.
+
+    Parameters:
+      request_timeout_s: Each socket read of a request is bounded by it, in seconds (REQUEST_TIMEOUT_S).
+    """
+    return type("MetricsHandler", (_MetricsHandler,), {
+        "gauges": gauges, "liveness": staticmethod(liveness) if liveness else None,
+        "readiness": staticmethod(readiness) if readiness else None, "timeout": request_timeout_s,
+    })
+
+
 def serve_metrics_on(
     port: int, *, gauges: QueueGauges | None = None, liveness: Probe | None = None, readiness: Probe | None = None,
 ) -> int:
@@ -160,10 +179,7 @@ def serve_metrics_on(
     """
     use_multiprocess_dir()
     logger = get_logger(__name__, "serve_metrics")
-    handler = type("MetricsHandler", (_MetricsHandler,), {
-        "gauges": gauges, "liveness": staticmethod(liveness) if liveness else None,
-        "readiness": staticmethod(readiness) if readiness else None,
-    })
+    handler = metrics_handler(gauges=gauges, liveness=liveness, readiness=readiness)
     try:
         httpd = ThreadingHTTPServer((prometheus.HTTP_HOST, port), handler)
     except OSError as exc:

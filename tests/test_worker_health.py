@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import dramatiq
@@ -99,3 +100,31 @@ def test_the_queue_gauges_say_redis_is_down_instead_of_reporting_zeros() -> None
     assert families["whiskypay_redis_up"].samples[0].value == 1
     assert families["whiskypay_dead_letters"].samples[0].value == 3
     assert families["whiskypay_queue_oldest_waiting_seconds"].samples[0].value == 0
+
+
+def test_a_probe_that_never_finishes_its_request_is_cut_off_instead_of_holding_a_metrics_thread() -> None:
+    # Given the metrics port's handler with a short request timeout, served on loopback
+    import http.server
+    import socket
+    import threading
+
+    from middleware.metrics_exporter import REQUEST_TIMEOUT_S, metrics_handler
+
+    assert 0 < REQUEST_TIMEOUT_S <= 30
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), metrics_handler(request_timeout_s=0.3))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # When a client sends half a request line and then nothing
+        with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            started = time.monotonic()
+            # Then the server closes the connection after the timeout, not never (recv returns b"")
+            assert sock.recv(100) == b""
+            assert time.monotonic() - started < 3
+        # And a whole request is still answered
+        with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.0 200")
+    finally:
+        server.shutdown()
+        server.server_close()
