@@ -397,6 +397,25 @@ def test_two_simultaneous_requeue_clicks_redrive_a_dead_letter_once(
         assert json.loads(data)["message_id"] == message_id and "retries" not in json.loads(data)["options"]
 
 
+def test_a_dead_letter_whose_address_forget_erased_is_not_requeued_as_whiskypay_retry_skips_it(
+    redis_client: redis.Redis, dashboard_url: str
+) -> None:
+    # Given a dead letter `whiskypay forget` erased the buyer's address from (its `erased_at` option set)
+    _, redis_id = put_dead_letter(redis_client)
+    key = f"{NAMESPACE}:callbackQueue.XQ.msgs"
+    message = json.loads(redis_client.hget(key, redis_id))
+    message["kwargs"]["email"] = "[erased]"
+    message["options"]["erased_at"] = int(time.time() * 1000)
+    redis_client.hset(key, redis_id, json.dumps(message))
+    # When an operator clicks Requeue on it
+    s, form = requeue_form(dashboard_url, redis_id)
+    answer = s.post(f"{dashboard_url}/requeue-message", data=form, allow_redirects=False, timeout=10)
+    s.close()
+    # Then it is refused with the reason and stays dead-lettered: nothing goes onto the queue
+    assert answer.status_code == 409 and "erased" in answer.text, answer.text
+    assert queue_state(redis_client) == (0, 0, 1)
+
+
 @contextlib.contextmanager
 def served(app: Any) -> Iterator[str]:
     """Serve a WSGI app with waitress on a free loopback port, in a thread; yield its base URL."""

@@ -207,6 +207,7 @@ def dashboard_app_class() -> type:
     from dramatiq_dashboard.http import HTTP_405, HTTP_410, handler, redirect
     from dramatiq_dashboard.interface import Job, RedisInterface
 
+    from whiskypay import keys
     from whiskypay.dead_letters import decode_dead_letter, redrive
 
     class MaskedInterface(RedisInterface):  # type: ignore[misc]
@@ -243,13 +244,16 @@ def dashboard_app_class() -> type:
                 return "409 Conflict", "Only dead letters (a queue's Failed tab) can be requeued."
             client, namespace = self.broker.client, self.broker.namespace
             try:
-                raw = client.hget(f"{namespace}:{queue}.msgs", redis_id)
-                score = client.zscore(f"{namespace}:{queue}", redis_id)
+                raw = client.hget(keys.dead_letter_messages(namespace, q_name(queue)), redis_id)
+                score = client.zscore(keys.dead_letters(namespace, q_name(queue)), redis_id)
                 if raw is None or score is None:
                     return HTTP_410, "This dead letter no longer exists: it was requeued or deleted already."
                 letter = decode_dead_letter(q_name(queue), redis_id, raw, int(score))
                 if letter.message is None:
                     return "409 Conflict", f"This dead letter is unreadable ({letter.problem}); it stays where it is."
+                if letter.erased:  # as `whiskypay retry` skips it: its job cannot run without the address
+                    return "409 Conflict", ("`whiskypay forget` erased this dead letter's address, so it cannot "
+                                            "run again; it stays listed as a record of the failure.")
                 new_id = str(uuid.uuid4())
                 result = redrive(client, namespace, letter, new_id=new_id)
             except redis.RedisError as exc:
