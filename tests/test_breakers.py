@@ -183,6 +183,7 @@ def test_exactly_one_probe_per_interval_across_workers_oldest_first_to_the_queue
     assert store.park(M, redis_id=rid, data=data, score=score, host="h", queue=QUEUE) == "probe"
     assert fail(store, 12).parked  # type: ignore[attr-defined]
     assert redis_client.zrange(keys.parked(NAMESPACE, M), 0, 0) == [b"rid-12"]
+    redis_client.hdel(keys.messages(NAMESPACE, QUEUE), "rid-12")  # the failed probe's ack
     time.sleep(0.35)
     assert [s.take_probe(M, queue=QUEUE, probe_interval_ms=300)[0] for s in (other, store)] == [True, False]
 
@@ -209,6 +210,52 @@ def test_a_held_merchant_is_never_probed_and_closing_it_releases_oldest_first_at
     assert redis_client.zrange(lane, 0, -1) == [b"rid-1", b"rid-2", b"rid-3", b"rid-4", b"rid-5"]
     assert redis_client.hget(keys.replay_lane_messages(NAMESPACE, QUEUE), "rid-1") is not None
     assert [k for k in redis_client.keys(f"{NAMESPACE}:whiskypay.*") if b".replay:" not in k] == []
+
+
+def test_a_callback_is_released_only_once_the_worker_that_parked_it_acked_it(
+    store: BreakerStore, redis_client: redis.Redis
+) -> None:
+    from whiskypay.replay import LanePromoter
+
+    # Given a callback a worker fetched (it is in the queue's hash, unacked) and parked, as a closed merchant's
+    # forced park or an outage failure does, and another parked one after it
+    store.operate(M, "open", queue=QUEUE)
+    messages = keys.messages(NAMESPACE, QUEUE)
+    for n in (1, 2):
+        rid, data, _ = message(n)
+        redis_client.hset(messages, rid, data)  # fetched by a worker
+        park(store, n)
+    redis_client.hdel(messages, "rid-2")  # callback 2's worker acked it already
+    # When the merchant closes before the ack, then nothing is released, nor anything ahead of it (order holds)
+    store.operate(M, "close", queue=QUEUE)
+    assert store.release(M, queue=QUEUE, rate=1000, tick_s=1) == (0, 2)
+    # When the worker acks it (Dramatiq's ack: SREM its acks, HDEL Q.msgs[rid]), then both go, in order
+    redis_client.hdel(messages, "rid-1")
+    assert store.release(M, queue=QUEUE, rate=1000, tick_s=1) == (2, 0)
+    assert LanePromoter(redis_client, NAMESPACE).promote(QUEUE, 10, now_ms=int(time.time() * 1000))[0] == 2
+    # And each is on the queue with its message
+    assert redis_client.lrange(keys.queue(NAMESPACE, QUEUE), 0, -1) == [b"rid-1", b"rid-2"]
+    assert redis_client.hget(messages, "rid-1") is not None and redis_client.hget(messages, "rid-2") is not None
+
+
+def test_the_probe_is_taken_only_once_the_worker_that_parked_it_acked_it(
+    store: BreakerStore, redis_client: redis.Redis
+) -> None:
+    # Given a merchant whose breaker opened, and its oldest callback parked by a worker that has not acked it yet
+    for n in (10, 11, 12):
+        fail(store, n)
+    rid, data, _ = message(1)
+    messages = keys.messages(NAMESPACE, QUEUE)
+    redis_client.hset(messages, rid, data)  # fetched by a worker, still unacked
+    assert park(store, 1) == "parked"
+    redis_client.hset(keys.breaker(NAMESPACE, M), "next_probe_at", 0)  # a probe is due
+    # When a probe is due before the ack, then none is taken (the ack would delete the probe's message)
+    assert store.take_probe(M, queue=QUEUE, probe_interval_ms=60_000)[0] is False
+    # When the worker acks it, then it is the probe, on the queue's head with its message
+    redis_client.hdel(messages, rid)
+    assert store.take_probe(M, queue=QUEUE, probe_interval_ms=60_000)[0] is True
+    assert redis_client.lrange(keys.queue(NAMESPACE, QUEUE), 0, -1) == [b"rid-1"]
+    assert redis_client.hget(messages, rid) == data
 
 
 def test_a_release_waits_while_the_lane_holds_a_seconds_worth(store: BreakerStore, redis_client: redis.Redis) -> None:

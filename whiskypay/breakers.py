@@ -134,7 +134,8 @@ return "parked"
 """
 
 #: Take merchant's probe if one is due: move the oldest parked message to the head of its queue and remember its
-#: redis id. KEYS: breaker, parked, parked msgs, queue msgs, queue. ARGV: probe interval (ms), wake channel.
+#: redis id (not while the worker that parked it has yet to ack it: see RELEASE_LUA). KEYS: breaker, parked,
+#: parked msgs, queue msgs, queue. ARGV: probe interval (ms), wake channel.
 #: Returns {taken 0|1, next_probe_at}.
 PROBE_LUA = _NOW + """
 if redis.call("hget", KEYS[1], "state") ~= "open" or redis.call("hget", KEYS[1], "held") == "1" then
@@ -149,6 +150,11 @@ if #oldest == 0 then
     return {0, due}
 end
 local rid = oldest[1]
+if redis.call("hexists", KEYS[4], rid) == 1 then
+    -- Still unacknowledged (a worker parked it and has not acked it yet): its ack deletes Q.msgs[rid], which
+    -- would take the probe's message with it. Take it once the ack has gone through.
+    return {0, due}
+end
 local data = redis.call("hget", KEYS[3], rid)
 redis.call("zrem", KEYS[2], rid)
 redis.call("hdel", KEYS[3], rid)
@@ -165,7 +171,9 @@ return {1, after}
 #: Release a closed merchant's parked messages, oldest first, ARGV[2] at a time, paced at ARGV[1] per second
 #: across all workers, into the queue's replay lane (`whiskypay.replay`: workers take them only when no fresh work
 #: waits, at WHISKYPAY_REPLAY_RATE), and only while the lane holds fewer than ARGV[5] (so the rest stay parked,
-#: in order, should the merchant fail again). KEYS: breaker, index, parked, parked msgs, parked at, lane, lane msgs.
+#: in order, should the merchant fail again). A message still in the queue's hash (the worker that parked it has
+#: not acked it yet: the ack would delete the released copy's data) and those after it wait for the next tick.
+#: KEYS: breaker, index, parked, parked msgs, parked at, lane, lane msgs, queue msgs.
 #: ARGV: rate, batch, merchant, wake channel, lane limit. Returns {released, left} (left = -1: the breaker is open
 #: again).
 RELEASE_LUA = _NOW + """
@@ -177,8 +185,14 @@ if now < due or redis.call("zcard", KEYS[6]) >= tonumber(ARGV[5]) then
     return {0, redis.call("zcard", KEYS[3])}
 end
 local ids = redis.call("zrange", KEYS[3], 0, tonumber(ARGV[2]) - 1)
-local moved = 0
+local moved, taken = 0, 0
 for i, rid in ipairs(ids) do
+    if redis.call("hexists", KEYS[8], rid) == 1 then
+        -- Still unacknowledged by the worker that parked it: its ack deletes Q.msgs[rid], which would take the
+        -- replay's message with it once the lane moves it onto the queue. Stop here (the order holds): next tick.
+        break
+    end
+    taken = taken + 1
     local data = redis.call("hget", KEYS[4], rid)
     redis.call("zrem", KEYS[3], rid)
     redis.call("hdel", KEYS[4], rid)
@@ -197,7 +211,7 @@ if left == 0 and tonumber(redis.call("hget", KEYS[1], "failures") or "0") == 0 t
     redis.call("del", KEYS[1])
     redis.call("srem", KEYS[2], ARGV[3])
 else
-    redis.call("hset", KEYS[1], "release_next", now + math.ceil(#ids * 1000 / tonumber(ARGV[1])))
+    redis.call("hset", KEYS[1], "release_next", now + math.ceil(taken * 1000 / tonumber(ARGV[1])))
 end
 return {moved, left}
 """
@@ -408,7 +422,8 @@ class BreakerStore:
         """
         ns = self.namespace
         batch = max(1, int(rate * tick_s))
-        names = [*self._park_keys(merchant), keys.replay_lane(ns, queue), keys.replay_lane_messages(ns, queue)]
+        names = [*self._park_keys(merchant), keys.replay_lane(ns, queue), keys.replay_lane_messages(ns, queue),
+                 keys.messages(ns, queue)]
         moved, left = self._scripts["release"](
             keys=names, args=[rate, batch, merchant, keys.wake_channel(ns, queue), max(batch, int(rate))]
         )
