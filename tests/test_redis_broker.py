@@ -107,3 +107,39 @@ def test_a_closing_consumer_hands_back_what_it_fetched_but_had_not_handed_out(re
     assert queued(redis_client, "callbackQueue") == 4
     acks = f"{NAMESPACE}:__acks__.{actors.broker.broker_id}.callbackQueue"
     assert redis_client.smembers(acks) == {first.options["redis_message_id"].encode()}
+
+
+def test_a_delayed_message_coming_due_is_moved_off_the_delay_queue_in_the_same_redis_call(redis_client, redis_url):
+    from dramatiq import Message
+
+    from whiskypay.redis_broker import WhiskyPayRedisBroker
+
+    # Given a worker's broker whose delay-queue consumer holds a delayed message (fetched, so in its Q.DQ acks)
+    broker = WhiskyPayRedisBroker(url=redis_url, namespace="movetest", middleware=[])
+    broker.enqueue_waits_for_redis = True  # a worker process (consume() sets it)
+    acks = f"movetest:__acks__.{broker.broker_id}"
+    try:
+        broker.declare_queue("q")
+        broker.enqueue(Message(queue_name="q", actor_name="a", args=(), kwargs={}, options={}), delay=1)
+        [data] = broker.do_fetch("q.DQ", 1)
+        held = Message.decode(data)
+        # When it comes due and the worker enqueues its copy on the queue (as Dramatiq's worker does)
+        due = held.copy(queue_name="q")
+        del due.options["eta"]
+        broker.enqueue(due)
+        # Then, before the worker's own ack of the delay-queue copy, that copy is already gone: nothing can run
+        # the message on q while it still counts on q.DQ (the race of Dramatiq's test_redis_join_race_condition)
+        assert redis_client.smembers(f"{acks}.q.DQ") == set()
+        assert redis_client.hlen("movetest:q.DQ.msgs") == 0
+        assert redis_client.llen("movetest:q") == 1
+        # And the worker's ack afterwards finds nothing to do and loses nothing
+        broker.do_ack("q.DQ", held.options["redis_message_id"])
+        assert broker.do_qsize("q") == 1
+        # And a message re-sent from one being processed on q (its id in the q acks, not q.DQ) moves nothing
+        [data] = broker.do_fetch("q", 1)
+        running = Message.decode(data)
+        broker.enqueue(running.copy())
+        assert redis_client.smembers(f"{acks}.q") == {running.options["redis_message_id"].encode()}
+        assert redis_client.llen("movetest:q") == 1
+    finally:
+        broker.close()

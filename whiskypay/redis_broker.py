@@ -16,7 +16,10 @@ as they are:
   within heartbeat_timeout + maintenance_interval + one poll.
 - One enqueue call. Every enqueue is one Lua call (ENQUEUE_LUA, Dramatiq's layout): the event reservation a
   before_enqueue hook asked for (IdempotentEnqueue), the message, the wake-up PUBLISH. A refused reservation
-  enqueues nothing; a failed enqueue leaves no reservation behind.
+  enqueues nothing; a failed enqueue leaves no reservation behind. A delayed message coming due is moved in
+  that call: its delay-queue copy is acked there too (stock Dramatiq enqueues, then acks, in two calls, and with
+  the instant wake-up another consumer ran the message in between about 1 time in 30: Dramatiq's
+  test_redis_join_race_condition).
 - Redis outages and error replies, classified once (whiskypay.redis_errors). A consumer that loses Redis, or
   gets a transient error reply (READONLY, OOM, BUSY, LOADING), waits and tries again instead of being
   restarted, because a restart drops the delayed retries the worker holds in memory (their acks stay with the
@@ -96,6 +99,9 @@ ENQUEUE_LUA = b"""
 -- ARGV[3]  message id            (stable across retries): the reservation's holder
 -- ARGV[4]  the reservation's time to live, in seconds
 -- ARGV[5]  the wake channel      <ns>:wake:<queue> (QueueWaker), so an idle consumer fetches at once
+-- KEYS[4]  this worker's ack set of the delay queue <ns>:__acks__.<worker>.<queue>.DQ, or "" (with KEYS[5], ARGV[6])
+-- KEYS[5]  the delay queue's messages <ns>:<queue>.DQ.msgs, or ""
+-- ARGV[6]  for a delayed message coming due: the redis id of its delay-queue copy, acked here, or ""
 -- Returns {"enqueued"}, or {"duplicate", holder} when another message holds the reservation (nothing written).
 --
 -- Order matters. Redis does not roll a script back, so every command that can be refused (an ACL denial,
@@ -120,24 +126,33 @@ if reservation ~= "" and not current then
 end
 redis.call("hset", messages, redis_id, data)
 redis.call("rpush", queue, redis_id)
+-- A delayed message coming due is moved, not copied: its delay-queue copy is acked in this same call (after the
+-- commit point: were this refused, the message is on its queue and the copy comes back, as with two calls), so
+-- no consumer can run it from the queue while the copy still counts on the delay queue. Dramatiq's own ack of
+-- the copy, next, finds nothing to do.
+if ARGV[6] ~= "" and redis.call("srem", KEYS[4], ARGV[6]) > 0 then
+    redis.call("hdel", KEYS[5], ARGV[6])
+end
 return {"enqueued"}
 """
 
 #: The tail of ENQUEUE_LUA the delivery ledger's pending record is inserted before (checked at import).
-_ENQUEUE_COMMIT = b"""redis.call("rpush", queue, redis_id)
+_ENQUEUE_COMMIT = b"""
+end
 return {"enqueued"}
 """
 
 #: ENQUEUE_LUA plus the delivery ledger's `pending` record (whiskypay.ledger), in the same call: after the RPUSH
 #: (the commit point), under pcall, so a refused ledger write never turns an accepted enqueue into an error;
-#: the reply then carries it: {"enqueued", "ledger: <error>"}. Extra KEYS[4..]: the ledger write's keys; extra
-#: ARGV[6], ARGV[7]: its op and ids (LedgerOp.args; its message is ARGV[2], the encoded message). Without
+#: the reply then carries it: {"enqueued", "ledger: <error>"}. Extra KEYS[6..]: the ledger write's keys; extra
+#: ARGV[7], ARGV[8]: its op and ids (LedgerOp.args; its message is ARGV[2], the encoded message). Without
 #: them (no ledger, a worker's enqueue) it is ENQUEUE_LUA.
-_ENQUEUE_COMMIT_WITH_LEDGER = b"""redis.call("rpush", queue, redis_id)
-if #KEYS > 3 then
+_ENQUEUE_COMMIT_WITH_LEDGER = b"""
+end
+if #KEYS > 5 then
     local ledger_keys = {}
-    for i = 4, #KEYS do ledger_keys[#ledger_keys + 1] = KEYS[i] end
-    local ok, problem = pcall(ledger_write, ledger_keys, {ARGV[6], data, ARGV[7]})
+    for i = 6, #KEYS do ledger_keys[#ledger_keys + 1] = KEYS[i] end
+    local ok, problem = pcall(ledger_write, ledger_keys, {ARGV[7], data, ARGV[8]})
     if not ok then
         return {"enqueued", "ledger: " .. tostring(type(problem) == "table" and problem.err or problem)}
     end
@@ -384,6 +399,7 @@ class WhiskyPayRedisBroker(RedisBroker):
         and the redis-py error (after undoing any partial write) if Redis refuses it.
         """
         queue_name = message.queue_name
+        moved_from = self._delay_copy_of(message, delay)
         message = message.copy(options={"redis_message_id": str(uuid4())})
         if delay is not None:
             queue_name = dq_name(queue_name)
@@ -394,7 +410,7 @@ class WhiskyPayRedisBroker(RedisBroker):
         try:
             self.do_enqueue(
                 queue_name, message.options["redis_message_id"], message.encode(),
-                holder=message.message_id, reservation=reservation,
+                holder=message.message_id, reservation=reservation, moved_from=moved_from,
             )
         except redis.RedisError as exc:
             if self.enqueue_waits_for_redis:
@@ -407,9 +423,25 @@ class WhiskyPayRedisBroker(RedisBroker):
         self.emit_after("enqueue", message, delay)
         return message
 
+    def _delay_copy_of(self, message: Message[Any], delay: int | None) -> str | None:
+        """Return the redis id of message's delay-queue copy when this enqueue is that message coming due.
+
+        Dramatiq's worker moves a due message by enqueuing a copy (no delay, no eta, on the canonical queue,
+        carrying the redis id of the copy this worker fetched from Q.DQ) and then acking the delay-queue copy.
+        Done in two calls, another consumer, woken at once by the publish, could run the message in between while
+        the original still counts on the delay queue (Dramatiq's test_redis_join_race_condition), and a crash in
+        between would run it twice. ENQUEUE_LUA acks that copy in the same call instead.
+        """
+        if delay is not None or not self.enqueue_waits_for_redis or "eta" in message.options:
+            return None
+        if q_name(message.queue_name) != message.queue_name:
+            return None
+        redis_id = message.options.get("redis_message_id")
+        return redis_id if isinstance(redis_id, str) and redis_id else None
+
     def do_enqueue(
         self, queue_name: str, message_id: str, data: bytes, *, holder: str = "",
-        reservation: Reservation | None = None,
+        reservation: Reservation | None = None, moved_from: str | None = None,
     ) -> None:
         """Run ENQUEUE_LUA once; in a worker, wait out transient Redis errors (a retry must not be lost).
 
@@ -424,6 +456,7 @@ class WhiskyPayRedisBroker(RedisBroker):
           queue_name, message_id, data: As Dramatiq's (message_id is the redis message id).
           holder: The message id (stable across retries), the reservation's holder.
           reservation: Taken in the same call, or DuplicateEvent is raised and nothing is written.
+          moved_from: The redis id of the delay-queue copy this enqueue moves (acked in the same call), or None.
         """
         if self.max_message_bytes and not self.enqueue_waits_for_redis and len(data) > self.max_message_bytes:
             # Producers only: a worker re-enqueuing a retry must never drop it for its size.
@@ -431,7 +464,7 @@ class WhiskyPayRedisBroker(RedisBroker):
                 f"{q_name(queue_name)}: the message is {len(data)} bytes, over the {self.max_message_bytes}-byte "
                 "limit (WHISKYPAY_MAX_MESSAGE_BYTES). Nothing was enqueued."
             )
-        names, args = self._enqueue_keys_args(queue_name, message_id, data, holder, reservation)
+        names, args = self._enqueue_keys_args(queue_name, message_id, data, holder, reservation, moved_from)
         try:
             if self.enqueue_waits_for_redis:
                 reply = call_through_transient(
@@ -457,15 +490,22 @@ class WhiskyPayRedisBroker(RedisBroker):
                                 holder or message_id, keys.text(reply[1])[:200])
 
     def _enqueue_keys_args(
-        self, queue_name: str, message_id: str, data: bytes, holder: str, reservation: Reservation | None
+        self, queue_name: str, message_id: str, data: bytes, holder: str, reservation: Reservation | None,
+        moved_from: str | None = None,
     ) -> tuple[list[str], list[Any]]:
         """Return ENQUEUE_LUA's KEYS and ARGV (documented with the script)."""
+        moving = moved_from is not None and not queue_name.endswith(".DQ")
         names = [
             keys.queue(self.namespace, queue_name),
             keys.messages(self.namespace, queue_name),
             reservation.key if reservation else "",
+            keys.acks(self.namespace, self.broker_id, dq_name(queue_name)) if moving else "",
+            keys.messages(self.namespace, dq_name(queue_name)) if moving else "",
         ]
-        args = [message_id, data, holder, reservation.ttl_s if reservation else 0, self.waker.channel(queue_name)]
+        args = [
+            message_id, data, holder, reservation.ttl_s if reservation else 0, self.waker.channel(queue_name),
+            moved_from if moving else "",
+        ]
         pending = take_pending(message_id)  # the delivery ledger's, staged by DeliveryLedger.before_enqueue
         if pending is not None:
             op, _, ids = pending.args()
