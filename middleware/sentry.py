@@ -13,6 +13,7 @@ from dramatiq.middleware import CurrentMessage, SkipMessage
 
 from whiskypay.errors import WhiskyPayError
 from whiskypay.redaction import known_addresses, scrub, url_host
+from whiskypay.retrying import attempts_made
 
 
 def callback_host(message: MessageProxy) -> str | None:
@@ -97,7 +98,7 @@ class SentryReporting(Middleware):
             scope.set_tag("queue", q_name(message.queue_name))
             scope.set_tag("actor", message.actor_name)
             scope.set_tag("message_id", message.message_id)
-            scope.set_tag("attempts", message.options.get("retries", 0) + 1)
+            scope.set_tag("attempts", attempts_made(message.options))
             if host:
                 scope.set_tag("callback_host", host)
             merchant_id = message.kwargs.get("merchant_id") if isinstance(message.kwargs, dict) else None

@@ -91,7 +91,8 @@ def test_an_always_failing_message_is_tried_exactly_attempts_times_then_dead_let
     assert calls.count == 3
     assert len(stub_broker.dead_letters) == 1
     dead = stub_broker.dead_letters[0]
-    assert dead.options["retries"] == 2
+    assert dead.options["attempts"] == 3
+    assert dead.options["retries"] == 3  # Dramatiq's count: one per failure, the last one too
     assert dead.options["failure_class"] == "RuntimeError"
     assert dead.options["traceback"] == "RuntimeError: merchant down"
 

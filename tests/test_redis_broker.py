@@ -143,3 +143,51 @@ def test_a_delayed_message_coming_due_is_moved_off_the_delay_queue_in_the_same_r
         assert redis_client.llen("movetest:q") == 1
     finally:
         broker.close()
+
+
+@pytest.mark.parametrize("operation", ["ack", "nack"])
+def test_an_ack_or_nack_lost_to_a_connection_error_is_retried_until_it_lands(redis_client, redis_url, monkeypatch,
+                                                                              operation):
+    # Dramatiq's test_redis_consumer_{ack,nack}_can_retry_on_connection_error, made deterministic: upstream patches
+    # do_ack/do_nack only after send(), and our wake-up sometimes has the message done before the patch.
+    import dramatiq
+    import dramatiq.worker
+    from dramatiq import Worker
+    from dramatiq.errors import BrokerConnectionError
+
+    from middleware.retry_policy import QueueRetryPolicy
+    from whiskypay.redis_broker import WhiskyPayRedisBroker
+
+    monkeypatch.setattr(dramatiq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.05)
+    # Given our broker whose first ack (or nack) raises BrokerConnectionError, with no retries
+    broker = WhiskyPayRedisBroker(url=redis_url, namespace="acktest", middleware=[QueueRetryPolicy(max_retries=0)])
+    real = getattr(broker, f"do_{operation}")
+    calls: list[str] = []
+
+    def flaky(queue_name: str, redis_id: str) -> object:
+        calls.append(redis_id)
+        if len(calls) == 1:
+            raise BrokerConnectionError("connection lost")
+        return real(queue_name, redis_id)
+
+    setattr(broker, f"do_{operation}", flaky)
+
+    @dramatiq.actor(broker=broker, queue_name="q")
+    def work(fail: bool) -> None:
+        if fail:
+            raise RuntimeError("fails")
+
+    worker = Worker(broker, worker_timeout=100, worker_threads=1)
+    worker.start()
+    try:
+        # When one message is processed (and fails, for the nack)
+        work.send(operation == "nack")
+        broker.join("q", timeout=10_000)
+        worker.join()
+        # Then the worker tried again, the second try landed, and nothing is outstanding
+        assert len(calls) == 2 and calls[0] == calls[1]
+        assert worker.consumers["q"].consumer.outstanding_message_count == 0
+        assert redis_client.zcard("acktest:q.XQ") == (1 if operation == "nack" else 0)
+    finally:
+        worker.stop()
+        broker.close()

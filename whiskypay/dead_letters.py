@@ -19,6 +19,7 @@ from whiskypay import keys
 from whiskypay.ledger import DELIVERY_OPTION, MessageView, delivery_of, job_kind
 from whiskypay.redaction import ADDRESS_FIELDS, mask_address, scrub_text, url_host
 from whiskypay.replay import redrive_to_lane
+from whiskypay.retrying import attempts_made
 
 if TYPE_CHECKING:
     import redis
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 #: Options a re-drive drops so the message starts over with a fresh attempt count and no stale failure.
 #: `message_id` and the `webhook_id` option are kept: the merchant sees the same webhook-id as before.
 REDRIVE_DROPPED_OPTIONS = frozenset(
-    {"retries", "traceback", "failure_class", "failed_at", "requeue_timestamp", "eta", "redis_message_id"}
+    {"retries", "attempts", "traceback", "failure_class", "failed_at", "requeue_timestamp", "eta", "redis_message_id"}
 )
 
 #: How many dead letters are read from Redis per round trip.
@@ -118,11 +119,10 @@ class DeadLetter:
 
     @property
     def attempts(self) -> int | None:
-        """How many attempts were made (retries + 1), or None when unreadable."""
+        """How many attempts were made (see retrying.attempts_made), or None when unreadable."""
         if self.message is None:
             return None
-        retries = self.options.get("retries", 0)
-        return (retries if isinstance(retries, int) else 0) + 1
+        return attempts_made(self.options)
 
     @property
     def error(self) -> str | None:
@@ -206,7 +206,7 @@ def decode_dead_letter(queue: str, redis_id: str, raw: bytes, dead_at_ms: int) -
 def redriven(message: dict[str, Any], *, queue: str, redis_message_id: str) -> dict[str, Any]:
     """Return a copy of a dead-lettered message that starts over on queue with a fresh attempt count.
 
-    The failure options (retries, traceback, failure_class, failed_at, requeue_timestamp, eta) are dropped;
+    The failure options (retries, attempts, traceback, failure_class, failed_at, requeue_timestamp, eta) are dropped;
     message_id and every other option, webhook_id included, are kept.
 
     Parameters:

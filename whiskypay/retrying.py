@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from whiskypay.queues import Queue
 
@@ -80,6 +81,21 @@ DEFAULT_POLICIES: Mapping[str, RetryPolicy] = MappingProxyType({
     Queue.CALLBACKS: RetryPolicy(attempts=5, backoff_ms=5_000),
     Queue.EMAIL: RetryPolicy(attempts=3, backoff_ms=10_000),
 })
+
+
+def attempts_made(options: Mapping[str, Any]) -> int:
+    """Return how many attempts a processed message had, from its options (what operators are shown).
+
+    QueueRetryPolicy writes `attempts` on every failed attempt. A message failed before it did (a dead letter
+    stored by an earlier version) has only `retries`, which then counted the retries after the first attempt
+    and never the final failure: its attempts are retries + 1. (Dramatiq's own count, which QueueRetryPolicy now
+    keeps in `retries`, adds the final failure too: retries = attempts once retries ran out.)
+    """
+    attempts = options.get("attempts")
+    if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 1:
+        return attempts
+    retries = options.get("retries", 0)
+    return (retries if isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0 else 0) + 1
 
 
 def parse_retry_after_ms(value: str | None, *, now: float) -> int | None:

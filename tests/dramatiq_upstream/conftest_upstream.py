@@ -34,6 +34,14 @@ SKIPPED = {
         "builds a stock RedisBroker on redis.Redis() (port 6379, the shared Redis this suite never touches); "
         "it tests Dramatiq's constructor, not our broker"
     ),
+    **{
+        f"test_redis_consumer_{operation}_can_retry_on_connection_error": (
+            f"a race in the test: it patches do_{operation} only after send(), and our wake-up sometimes has the "
+            "message processed before the patch (about 1 run in 8 here; stock Dramatiq polls, so it is slower). "
+            "tests/test_redis_broker.py runs the same check with the patch in place first"
+        )
+        for operation in ("ack", "nack")
+    },
 }
 
 

@@ -117,7 +117,7 @@ def test_a_merchant_outage_longer_than_the_schedule_dead_letters_and_retry_redel
     assert letters is not None
     assert {letter["options"]["webhook_id"] for letter in letters} == expected
     assert {letter["options"]["traceback"] for letter in letters} == {"HttpStatusError: HTTP 503 from 127.0.0.1"}
-    assert all(letter["options"]["retries"] == 2 for letter in letters)
+    assert all(letter["options"]["attempts"] == 3 and letter["options"]["retries"] == 3 for letter in letters)
     wait_until(lambda: len(sentry.events()) >= 50, timeout_s=15, what="50 Sentry events")
     # And once the merchant is back, `whiskypay retry --all` delivers each exactly once, under the same webhook-id
     outage.end()
