@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from settings import Settings
 from whiskypay.queues import Queue
@@ -182,3 +185,24 @@ def test_a_retry_after_that_only_looks_numeric_is_garbage_not_a_crash(header: st
     # Given a Retry-After a merchant's server could send (latin-1 '²', or an absurdly long number)
     # When parsed, then it is treated as unreadable
     assert parse_retry_after_ms(header, now=NOW) is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Mon, 01 Jan 99999999999999999999 00:00:00 GMT", "Mon, 01 Jan 2026 99999999999999999999:00:00 GMT",
+     "Fri, 31 Dec 99999 23:59:59 GMT", "Mon, 01 Jan 2026 00:00:00 +99999999", "Mon, 01 Jan 2026 00:00:00"],
+    ids=["20-digit-year", "20-digit-hour", "5-digit-year", "absurd-offset", "no-zone"],
+)
+def test_a_retry_after_with_an_absurd_date_is_ignored_not_a_crash(header: str) -> None:
+    # Given a Retry-After date no calendar holds (today's main raised OverflowError for the first two)
+    # When parsed, then it is unreadable: the queue's own backoff applies
+    assert parse_retry_after_ms(header, now=NOW) is None
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=60), st.from_regex(
+    r"(Mon|Tue), [0-9]{1,25} (Jan|Feb) [0-9]{1,25} [0-9]{1,25}:[0-9]{1,5}:[0-9]{1,5} (GMT|[+-][0-9]{1,10})",
+    fullmatch=True)))
+def test_parse_retry_after_never_raises(header: str) -> None:
+    result = parse_retry_after_ms(header, now=NOW)
+    assert result is None or result >= 0

@@ -84,6 +84,23 @@ def sign(key: Ed25519PrivateKey, msg_id: str, timestamp: int, body: bytes) -> st
     return f"{VERSION}," + base64.b64encode(key.sign(_content(msg_id, timestamp, body))).decode()
 
 
+def matches(key: Ed25519PublicKey, content: bytes, offered: Iterable[str]) -> bool:
+    """Return True when one offered `v1a,<base64>` signature is key's signature of content.
+
+    Signatures of other versions, and malformed ones, just do not match (never an exception).
+    """
+    for candidate in offered:
+        version, _, encoded = candidate.partition(",")
+        if version != VERSION:
+            continue
+        try:
+            key.verify(base64.b64decode(encoded, validate=True), content)
+        except (InvalidSignature, ValueError):  # binascii.Error is a ValueError; so is non-ASCII text
+            continue
+        return True
+    return False
+
+
 def verify_any(public_keys: Iterable[str], msg_id: str, timestamp: int, body: bytes, offered: Iterable[str]) -> bool:
     """Return True when one offered `v1a,...` signature verifies with one of the `whpk_` public keys.
 
@@ -92,18 +109,5 @@ def verify_any(public_keys: Iterable[str], msg_id: str, timestamp: int, body: by
     """
     keys = [parse_public_key(text) for text in public_keys]
     content = _content(msg_id, timestamp, body)
-    for candidate in offered:
-        version, _, encoded = candidate.partition(",")
-        if version != VERSION:
-            continue
-        try:
-            raw = base64.b64decode(encoded, validate=True)
-        except binascii.Error:
-            continue
-        for key in keys:
-            try:
-                key.verify(raw, content)
-            except InvalidSignature:
-                continue
-            return True
-    return False
+    offered = list(offered)
+    return any(matches(key, content, offered) for key in keys)

@@ -101,6 +101,9 @@ def attempts_made(options: Mapping[str, Any]) -> int:
 def parse_retry_after_ms(value: str | None, *, now: float) -> int | None:
     """Return the wait a Retry-After header asks for, in milliseconds, or None if absent or unreadable.
 
+    Never raises: an absurd date (a year of 20 digits, an out-of-range offset) is unreadable, so the queue's
+    own backoff applies. A far but valid date is returned as is; QueueRetryPolicy caps the wait.
+
     Parameters:
       value: The header: delta-seconds ("120") or an HTTP date.
       now: The current time, in unix seconds.
@@ -112,8 +115,9 @@ def parse_retry_after_ms(value: str | None, *, now: float) -> int | None:
         return int(value) * 1000
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if when.tzinfo is None:
+            return None
+        return max(0, int((when.timestamp() - now) * 1000))
+    except (TypeError, ValueError, OverflowError, IndexError, AttributeError):
+        # parsedate_to_datetime raises OverflowError for a huge year or hour ("Python int too large")
         return None
-    if when.tzinfo is None:
-        return None
-    return max(0, int((when.timestamp() - now) * 1000))
