@@ -104,7 +104,7 @@ def test_dramatiqs_own_redis_tests_pass_against_our_broker(tmp_path: Path, repor
     # When pytest runs it in a subprocess
     started = time.monotonic()
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "--log-level=WARNING", f"--junitxml={junit}",
+        [sys.executable, "-m", "pytest", "-q", "-rs", "--durations=5", "--log-level=WARNING", f"--junitxml={junit}",
          "--rootdir", str(tmp_path), str(package)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
