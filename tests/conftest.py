@@ -62,7 +62,12 @@ def _choose_test_redis() -> str:
     return _private_redis.url
 
 
-os.environ["WHISKYPAY_REDIS_URL"] = _choose_test_redis()
+# Some test modules import this file again as `tests.conftest` (a second module object): choose once per process,
+# or the second import takes the first one's private Redis as "given" and moves the tests to its DB 15 while
+# `actors`, if imported in between, stays on DB 0 (worker subprocesses and the test process then disagree).
+if os.environ.get("WHISKYPAY_TEST_REDIS_PID") != str(os.getpid()):
+    os.environ["WHISKYPAY_REDIS_URL"] = _choose_test_redis()
+    os.environ["WHISKYPAY_TEST_REDIS_PID"] = str(os.getpid())
 
 _TEST_DEFAULTS = {
     "WHISKYPAY_ALLOW_PRIVATE_CALLBACKS": "true",
