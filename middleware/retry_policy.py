@@ -18,9 +18,9 @@ option of Dramatiq 2.2's Retries works with its meaning:
 
 On top: per-queue policies (`retry_schedule` as an actor or message option too), Retry-After from the merchant
 (HttpStatusError.retry_after_ms, capped), `Deferred` (run later without counting an attempt, for at most
-max_deferral_ms), the `attempts`
-option (attempts made so far, written on every failure: what `whiskypay failed` and Sentry show), and a
-stored failure text that is scrubbed ("ErrorClass: text") instead of the raw traceback.
+max_deferral_ms), the `attempts` option (attempts made so far, written on every failure: what `whiskypay
+failed` and Sentry show), and a stored failure text that is scrubbed ("ErrorClass: text") instead of the raw
+traceback.
 """
 
 from __future__ import annotations
