@@ -57,7 +57,12 @@ from whiskypay.ledger import MessageView, set_job_state
 from whiskypay.merchants import CALLBACK_ACTOR, Breaker, is_outage, merchant_of, park_limit_reason
 from whiskypay.outcomes import record_failure
 from whiskypay.redaction import url_host
-from whiskypay.redis_errors import classify_redis_error, describe, report_configuration_error
+from whiskypay.redis_errors import (
+    call_through_transient,
+    classify_redis_error,
+    describe,
+    report_configuration_error,
+)
 
 
 class MerchantBreakers(Middleware):
@@ -166,6 +171,25 @@ class MerchantBreakers(Middleware):
         level("Redis refused %s (%s); callbacks are attempted and retried as without breakers meanwhile.",
               what, describe(exc))
 
+    def _parked_anyway(self, store: BreakerStore, merchant: str, redis_id: str, exc: redis.RedisError) -> bool:
+        """Return True if a park whose reply was lost (exc) parked the callback after all.
+
+        A dropped connection or a timeout may come after the script ran: attempting or retrying the callback then
+        would deliver it twice (once now, once when its parked copy is released). So ask, waiting out a transient
+        error; an error reply (the script did not run) or a configuration error answers False.
+        """
+        if not isinstance(exc, redis.ConnectionError | redis.TimeoutError) or isinstance(
+            exc, redis.AuthenticationError | redis.exceptions.BusyLoadingError
+        ):
+            return False
+        try:
+            return call_through_transient(
+                lambda: store.is_parked(merchant, redis_id), what=f"checking whether merchant {merchant}'s "
+                f"callback {redis_id} was parked", logger=self.logger,
+            )
+        except redis.RedisError:
+            return False
+
     # ---------------------------------------------------------------------------------------------------------------
     # per message
 
@@ -195,16 +219,18 @@ class MerchantBreakers(Middleware):
         store = self.store_for(broker)
         if store is None:
             return
+        redis_id = message.options.get("redis_message_id", message.message_id)
         try:
             outcome = store.park(
-                merchant, redis_id=message.options.get("redis_message_id", message.message_id),
-                data=message.encode(), score=message.message_timestamp,
+                merchant, redis_id=redis_id, data=message.encode(), score=message.message_timestamp,
                 host=url_host(message.kwargs.get("callback_url")) or "-", queue=q_name(message.queue_name),
                 force=force,
             )
         except redis.RedisError as exc:
-            self._redis_failed(f"parking a callback of merchant {merchant}", exc)
-            return
+            if not self._parked_anyway(store, merchant, redis_id, exc):
+                self._redis_failed(f"parking a callback of merchant {merchant}", exc)
+                return
+            outcome = "parked"
         if outcome == "parked":
             self.view.update(merchant, parked=known.parked + 1)
             raise Parked(f"merchant {merchant} is unreachable (its breaker is open): parked", merchant=merchant)
@@ -265,14 +291,17 @@ class MerchantBreakers(Middleware):
         record_failure(message, exception)
         host = url_host(message.kwargs.get("callback_url")) or "-"
         error = str(message.options.get("traceback", type(exception).__name__))
+        redis_id = message.options.get("redis_message_id", message.message_id)
         try:
             outcome = store.fail(
                 merchant, threshold=self.failures, probe_interval_ms=self.probe_interval_ms, error=error, host=host,
-                queue=q_name(message.queue_name), redis_id=message.options.get("redis_message_id", message.message_id),
-                data=message.encode(), score=message.message_timestamp,
+                queue=q_name(message.queue_name), redis_id=redis_id, data=message.encode(),
+                score=message.message_timestamp,
             )
         except redis.RedisError as exc:
             self._redis_failed(f"counting a failure of merchant {merchant}", exc)
+            if self._parked_anyway(store, merchant, redis_id, exc):
+                message.options["parked"] = True  # not retried as well: its parked copy is released later
             return
         known = self.view.get(merchant)
         # Threads apply their counts in any order: keep the highest, so the in-flight rule never counts too few.

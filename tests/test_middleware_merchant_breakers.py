@@ -142,3 +142,48 @@ def test_a_redis_error_reply_in_a_breaker_call_leaves_the_callback_to_the_retry_
     # Then it was attempted and is retried as without breakers, and the configuration error was reported once
     assert message.options["retries"] == 1 and "parked" not in message.options
     assert caplog.text.count("with a configuration error (ResponseError: WRONGTYPE") == 1
+
+
+def lose_replies(store: BreakerStore, script: str) -> None:
+    """Make store's `script` run in Redis and then lose its reply, as a connection dropped after the call does."""
+    real = store._scripts[script]
+
+    def run_then_drop(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    store._scripts[script] = run_then_drop  # type: ignore[assignment]
+
+
+def test_a_callback_parked_on_arrival_whose_reply_was_lost_is_not_attempted_as_well(
+    broker: StubBroker, breakers: MerchantBreakers
+) -> None:
+    # Given a merchant whose breaker is open, and a park whose reply is lost after Redis parked the callback
+    for n in (1, 2):
+        message = callback(n)
+        broker.emit_before("process_message", message)
+        after(broker, message, down())
+    assert breakers.store is not None
+    lose_replies(breakers.store, "park")
+    # When a callback of it arrives, then it is parked (not attempted: its parked copy is delivered later)
+    third = callback(3)
+    with pytest.raises(Parked):
+        broker.emit_before("process_message", third)
+    assert breakers.store.is_parked("shop.example", "rid-3")
+
+
+def test_a_failed_attempt_parked_whose_reply_was_lost_is_not_retried_as_well(
+    broker: StubBroker, breakers: MerchantBreakers
+) -> None:
+    # Given a merchant one failure from its threshold, and a failure count whose reply is lost after Redis ran it
+    first, second = callback(1), callback(2)
+    broker.emit_before("process_message", first)
+    after(broker, first, down())
+    broker.emit_before("process_message", second)
+    assert breakers.store is not None
+    lose_replies(breakers.store, "fail")
+    # When the second fails (the script opened the breaker and parked it), then it is not retried as well
+    after(broker, second, down())
+    assert breakers.store.is_parked("shop.example", "rid-2")
+    assert "retries" not in second.options and classify(second, down()) == Outcome("failed", "parked")
+    assert broker.queues[f"{QUEUE}.DQ"].qsize() == 1  # only the first one's retry

@@ -400,6 +400,10 @@ class BreakerStore:
             keys=self._park_keys(merchant), args=[merchant, redis_id, data, score, host, queue, "1" if force else "0"]
         ))
 
+    def is_parked(self, merchant: str, redis_id: str) -> bool:
+        """Return True if redis_id is among merchant's parked callbacks."""
+        return self.client.zscore(keys.parked(self.namespace, merchant), redis_id) is not None
+
     def take_probe(self, merchant: str, *, queue: str, probe_interval_ms: int) -> tuple[bool, int]:
         """Send merchant's oldest parked message as its probe if one is due; return (taken, next_probe_at ms)."""
         ns = self.namespace
