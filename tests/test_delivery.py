@@ -78,11 +78,15 @@ def _handler_for(receiver: Receiver) -> type[http.server.BaseHTTPRequestHandler]
             elif path == "/slow":
                 receiver.release.wait(5)
                 self._answer(200)
-            elif path == "/slow-body":
-                self.send_response(200)
+            elif path in ("/slow-body", "/slow-body-503", "/cut-body"):
+                self.send_response(503 if path == "/slow-body-503" else 200)
                 self.send_header("Content-Length", "10")
                 self.end_headers()
                 self.wfile.flush()
+                if path == "/cut-body":
+                    self.wfile.write(b"ok")  # 2 of the 10 bytes, then the connection closes
+                    self.close_connection = True
+                    return
                 receiver.release.wait(5)
             elif path == "/big":
                 self._big_body()
@@ -222,11 +226,11 @@ def test_a_merchant_slower_than_the_read_timeout_fails_quickly(receiver: Receive
 
 
 def test_a_merchant_that_stalls_mid_body_fails_quickly(receiver: Receiver, session: requests.Session) -> None:
-    # Given a merchant that sends its headers and then stalls
+    # Given a merchant that sends a 503's headers and then stalls
     started = time.monotonic()
     # When one attempt is made with a 0.3 s read timeout, then it fails within about the timeout
     with pytest.raises(DeliveryError) as caught:
-        post(session, receiver.url(TAIL.replace("/hook", "/slow-body")), read_timeout_s=0.3)
+        post(session, receiver.url(TAIL.replace("/hook", "/slow-body-503")), read_timeout_s=0.3)
     assert time.monotonic() - started < 2.0
     assert_safe_text(caught.value)
 
@@ -234,11 +238,25 @@ def test_a_merchant_that_stalls_mid_body_fails_quickly(receiver: Receiver, sessi
 def test_a_merchant_that_stalls_mid_body_is_reported_as_a_timeout(
     receiver: Receiver, session: requests.Session
 ) -> None:
-    # Given a merchant that sends its headers and then stalls, when one attempt is made
+    # Given a merchant that sends a 503's headers and then stalls, when one attempt is made
     with pytest.raises(DeliveryError) as caught:
-        post(session, receiver.url("/slow-body"), read_timeout_s=0.3)
+        post(session, receiver.url("/slow-body-503"), read_timeout_s=0.3)
     # Then the text says it timed out (it did connect)
     assert "timed out" in str(caught.value)
+
+
+@pytest.mark.parametrize("path", ["/slow-body", "/cut-body"])
+def test_a_2xx_whose_body_stalls_or_breaks_off_is_delivered_not_sent_again(
+    receiver: Receiver, session: requests.Session, path: str
+) -> None:
+    # Given a merchant that answers 200 and then stalls its body, or closes the connection in the middle of it
+    started = time.monotonic()
+    # When one attempt is made with a 0.3 s read timeout
+    attempt = post(session, receiver.url(path), read_timeout_s=0.3)
+    # Then it is delivered (the merchant accepted it: a retry would deliver it twice), within about the timeout
+    assert attempt.status == 200
+    assert time.monotonic() - started < 2.0
+    assert receiver.hits == [path]
 
 
 def test_a_refused_connection_is_a_retryable_delivery_error(session: requests.Session) -> None:

@@ -49,7 +49,8 @@ def post_webhook(
 
     Redirects are not followed (a 3xx is a failure). At most max_response_bytes of the response are read;
     a longer body closes the connection instead of being read to the end, and so does a body still arriving
-    at the deadline (connect + read timeout): its status is the answer. Error texts carry the host only.
+    at the deadline (connect + read timeout), or one that stalls or breaks off: its status is the answer (a 2xx
+    status line means the merchant accepted it). Error texts carry the host only.
     This is the one timer of an attempt: its duration is the Attempt's, or the raised error's `duration_ms`.
 
     Parameters:
@@ -122,9 +123,11 @@ def _post(
             else:
                 consumed = True
         except (urllib3.exceptions.HTTPError, OSError):
-            if scope is None or not scope.expired:
-                raise  # the body stalled or broke off within the deadline: a failed attempt, as before
-            # the watchdog ended a body still trickling at the deadline: the status is the answer
+            # The body stalled or broke off. After a 2xx status line the merchant has accepted the webhook: its
+            # status is the answer (retrying it would deliver it twice), as for a body the watchdog ends at the
+            # deadline. After any other status it is a failed attempt either way.
+            if not 200 <= response.status < 300 and (scope is None or not scope.expired):
+                raise
         finally:
             if not consumed:
                 response.close()  # bytes left unread: the connection is not reused
