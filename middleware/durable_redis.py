@@ -11,6 +11,7 @@ from dramatiq.logging import get_logger
 
 from whiskypay.errors import WorkerStartRefused
 from whiskypay.redis_durability import durability, problems_text, refusal_text, server_run_id
+from whiskypay.redis_errors import describe, is_transient
 
 #: How often a worker asks which Redis server it talks to (INFO server's run_id), in seconds: a new run_id (a
 #: Sentinel failover, a restart) runs the check again.
@@ -64,9 +65,11 @@ class DurableRedis(Middleware):
             return
         try:
             self.check(broker.client, booting=True)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
+            if not is_transient(exc):  # whiskypay.redis_errors: BUSY, LOADING, a lost connection... pass
+                raise
             self.logger.warning("Cannot check Redis durability now (%s); checking once Redis answers.",
-                                type(exc).__name__)
+                                describe(exc))
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, args=(broker.client,), name="whiskypay-durability",
                                         daemon=True)

@@ -77,6 +77,36 @@ def test_allow_volatile_boots_with_a_warning(server: RedisServer, caplog: pytest
     broker.close()
 
 
+def test_a_worker_booting_while_redis_is_busy_checks_once_it_answers_instead_of_failing_its_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a Redis busy with another client's long script (it answers BUSY, a transient error reply)
+    import threading
+    import time
+
+    with RedisServer(args=("--appendonly", "yes")) as server:
+        admin = redis.Redis(port=server.port)
+        admin.config_set("busy-reply-threshold", 20)
+        spin = ("local t = redis.call('time') local s = t[1] + t[2] / 1e6 "
+                "repeat local n = redis.call('time') until n[1] + n[2] / 1e6 - s > 0.6 return 1")
+        script = threading.Thread(target=redis.Redis(port=server.port).eval, args=(spin, 0), daemon=True)
+        script.start()
+        time.sleep(0.1)
+        broker = RedisBroker(client=redis.Redis(port=server.port, socket_timeout=2), middleware=[])
+        middleware = DurableRedis(allow_volatile=False, recheck_interval_s=0.1)
+        try:
+            # When a worker boots then, it starts (warning that it checks later), and checks once Redis answers
+            with caplog.at_level(logging.INFO):
+                middleware.before_worker_boot(broker, None)  # type: ignore[arg-type]
+                assert "Cannot check Redis durability now (ResponseError: BUSY" in caplog.text
+                wait_until(lambda: "Redis durability checked" in caplog.text, timeout_s=10, what="the later check")
+        finally:
+            middleware.after_worker_shutdown(broker, None)  # type: ignore[arg-type]
+            script.join(5)
+            broker.close()
+            admin.close()
+
+
 def test_a_new_server_behind_the_same_address_is_checked_again(caplog: pytest.LogCaptureFixture) -> None:
     # Given a worker that booted on a durable Redis
     durable = RedisServer(args=("--appendonly", "yes")).start()
