@@ -19,6 +19,9 @@ from whiskypay.outcomes import classify
 #: The counters' hash fields (`keys.outcome_counters`) of the outcomes counted; others count as neither.
 FIELDS = {"delivered": "completed", "dead_lettered": "failed"}
 
+#: The per-minute hash's fields (`keys.minute_outcomes`, the dashboard's chart): every attempt that failed counts.
+MINUTE_FIELDS = {"delivered": "delivered", "retried": "failed", "dead_lettered": "failed"}
+
 
 class OutcomeCounters(Middleware):
     """HINCRBY `completed` when a message is delivered and `failed` when it is dead-lettered (`outcomes.classify`).
@@ -27,6 +30,9 @@ class OutcomeCounters(Middleware):
     its merchant too (`keys.merchant_outcome_counters`, for `whiskypay status --merchant`). An attempt that is
     retried or deferred counts as neither. Listed before the middleware that decide `message.failed`, so its
     after-hooks run after theirs.
+    Each delivered or failed attempt is also counted in its minute's hash (`keys.minute_outcomes`, kept two
+    hours), for the dashboard's delivered / failed per minute chart.
+
     Counts are added up in memory and written by a background thread every flush_interval_s (and at worker
     shutdown), so counting costs no Redis round trip per message; a killed worker loses at most that
     interval's counts. Outside a worker (tests calling the hooks) a count past the interval also flushes.
@@ -50,13 +56,17 @@ class OutcomeCounters(Middleware):
         self._thread: threading.Thread | None = None
 
     def _count(self, broker: Broker, message: MessageProxy, exception: BaseException | None) -> None:
-        field = FIELDS.get(classify(message, exception).label)
-        if field is None or not isinstance(broker, RedisBroker):
+        label = classify(message, exception).label
+        field, per_minute = FIELDS.get(label), MINUTE_FIELDS.get(label)
+        if per_minute is None or not isinstance(broker, RedisBroker):
             return
         merchant_id = message.kwargs.get("merchant_id") if isinstance(message.kwargs, dict) else None
+        minute = keys.minute_outcomes(broker.namespace, message.queue_name, int(self.clock()) // 60)
         with self._lock:
-            self._pending[keys.outcome_counters(broker.namespace, message.queue_name), field] += 1
-            if isinstance(merchant_id, str):
+            self._pending[minute, per_minute] += 1
+            if field is not None:
+                self._pending[keys.outcome_counters(broker.namespace, message.queue_name), field] += 1
+            if field is not None and isinstance(merchant_id, str):
                 per_merchant = keys.merchant_outcome_counters(broker.namespace, message.queue_name)
                 self._pending[per_merchant, keys.merchant_outcome_field(field, merchant_id)] += 1
         if self.clock() - self._last_flush >= self.flush_interval_s:
@@ -75,7 +85,9 @@ class OutcomeCounters(Middleware):
             pipe = broker.client.pipeline(transaction=False)
             for (key, field), count in pending.items():
                 pipe.hincrby(key, field, count)
-                if field in FIELDS.values():  # a queue's own hash; the per-merchant one has no started_at
+                if keys.is_minute_outcomes(key):
+                    pipe.expire(key, keys.MINUTE_OUTCOMES_TTL_S)
+                elif field in FIELDS.values():  # a queue's own hash; the per-merchant one has no started_at
                     pipe.hsetnx(key, "started_at", int(self.clock()))
             try:
                 pipe.execute()
@@ -84,8 +96,8 @@ class OutcomeCounters(Middleware):
                     self._pending.update(pending)
                 if not self._error_logged:
                     self._error_logged = True
-                    keys = ", ".join(sorted({key for key, _ in pending}))
-                    self.logger.debug("Could not count outcomes in %s: %s", keys, type(exc).__name__)
+                    names = ", ".join(sorted({key for key, _ in pending}))
+                    self.logger.debug("Could not count outcomes in %s: %s", names, type(exc).__name__)
         finally:
             self._flushing.release()
 

@@ -89,6 +89,27 @@ def test_given_a_message_retried_then_dead_lettered_when_processed_then_only_its
     assert counts(redis_client) == {FAILED: 1}
 
 
+def test_given_a_retry_then_a_dead_letter_and_a_success_then_each_attempt_counts_in_its_minute(
+    run: Any, redis_client: redis.Redis
+) -> None:
+    # Given an actor that fails its first call of each message twice, with one retry, and one that succeeds
+    def boom() -> None:
+        raise RuntimeError("merchant answered 503")
+
+    failing, _ = run(Retries(max_retries=1, min_backoff=1, max_backoff=1), fn=boom)
+    # When one message is retried then dead-lettered
+    failing.send()
+    wait_until(lambda: dead_letters(redis_client, QUEUE), what="the dead letter")
+    wait_until(lambda: counts(redis_client) == {FAILED: 1}, what="1 failed")
+    # Then the minute's hash (for the dashboard's chart) counts both failed attempts, and expires within 2 hours
+    [minute_key] = [key for key in redis_client.scan_iter(f"{NAMESPACE}:whiskypay.stats.minute:{QUEUE}:*")]
+    assert minute_key.decode().rsplit(":", 1)[1].isdigit()
+    assert redis_client.hgetall(minute_key) == {b"failed": b"2"}
+    assert 0 < redis_client.ttl(minute_key) <= 2 * 60 * 60
+    # And the queue's own hash never expires
+    assert redis_client.ttl(STATS) == -1
+
+
 def test_given_a_deferred_attempt_then_a_success_when_processed_then_one_completed_is_counted(
     run: Any, redis_client: redis.Redis
 ) -> None:

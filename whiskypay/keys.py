@@ -23,6 +23,8 @@ Ours:
   ns:whiskypay.stats:Q         hash of outcome counters: `completed` (delivered), `failed` (dead-lettered),
                                `started_at` (unix seconds of the first count: the counts are "since" then)
   ns:whiskypay.stats.merchants:Q  hash of the same counters per merchant: `completed:M`, `failed:M` (M a merchant_id)
+  ns:whiskypay.stats.minute:Q:T   hash of minute T's attempts (T = unix seconds // 60): `delivered`, `failed`
+                               (retried or dead-lettered); expires MINUTE_OUTCOMES_TTL_S after it was written
   ns:whiskypay.health:Q        hash of check_queue_health's state: `dead_letters_seen`, `open`, `checked_at`
   ns:whiskypay.health.tick:T   string: one run's lock of scheduled minute T ("2026-11-27T21:00Z")
   ns:wake:Q                    pub/sub channel: published by every enqueue on Q (redis_broker.ENQUEUE_LUA)
@@ -160,6 +162,20 @@ def merchant_outcome_counters(namespace: str, queue_name: str) -> str:
     the merchant id holds.
     """
     return f"{namespace}:{OURS}.stats.merchants:{q_name(queue_name)}"
+
+
+#: How long one minute's outcome hash is kept, in seconds: the dashboard's chart shows the last hour.
+MINUTE_OUTCOMES_TTL_S = 2 * 60 * 60
+
+
+def minute_outcomes(namespace: str, queue_name: str, minute: int) -> str:
+    """Return the hash of queue_name's attempt outcomes in minute (unix seconds // 60): `delivered`, `failed`."""
+    return f"{namespace}:{OURS}.stats.minute:{q_name(queue_name)}:{minute}"
+
+
+def is_minute_outcomes(key: str) -> bool:
+    """Return True if key is a `minute_outcomes` hash (its writer sets its expiry)."""
+    return f":{OURS}.stats.minute:" in key
 
 
 def merchant_outcome_field(outcome: str, merchant_id: str) -> str:
