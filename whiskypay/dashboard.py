@@ -1,6 +1,8 @@
-"""The dashboard's WSGI app: dramatiq-dashboard for our broker, behind HTTP basic auth, every page scrubbed.
+"""The dashboard's WSGI app: the operator console and dramatiq-dashboard, behind HTTP basic auth, CSRF-checked, scrubbed.
 
-`whiskypay dashboard` (whiskypay/cli/dashboard.py) serves it with waitress. dramatiq-dashboard 0.4.0 declares
+`whiskypay dashboard` (whiskypay/cli/dashboard.py) serves it with waitress. The operator console
+(whiskypay/console/: overview, merchants, events, dead letters) answers every path but /dramatiq/, where
+dramatiq-dashboard is mounted for raw queue inspection. dramatiq-dashboard 0.4.0 declares
 `dramatiq<2` and `redis<5`; it is installed with `pip install --no-deps` next to our Dramatiq 2 and redis-py
 (docs/dashboard.md says why and what was checked). It lists only the queues declared in its own process, so the
 command imports `actors` (which builds the broker from settings and declares both queues) before `build_app`.
@@ -8,8 +10,13 @@ command imports `actors` (which builds the broker from settings and declares bot
 The WSGI stack, outermost first:
 
     BasicAuth       401 + WWW-Authenticate unless the request carries the configured credentials
-    ScrubPages      masks email addresses, redacts secrets and query strings in every page; forbids framing and caching
-    DashboardApp    dramatiq-dashboard itself (its own CSRF token guards the requeue and delete forms), with two changes
+    ScrubPages      masks email addresses, redacts secrets and query strings in every page and JSON answer; forbids
+                    framing and caching
+    CsrfCheck       403 for a POST without the console's token (form field `csrf_token` or header X-CSRF-Token), or
+                    from another origin; every state-changing request is a POST
+    Mount           /dramatiq/... to dramatiq-dashboard (our token added to its forms), everything else to the console
+    Console         whiskypay.console.app
+    DashboardApp    dramatiq-dashboard itself (its own CSRF token also guards the requeue and delete forms), with two changes
                     (`dashboard_app_class`): every message it shows has its address fields masked by their structure
                     and its URLs cut before the query string, and Requeue re-drives a dead letter with the same
                     atomic script as `whiskypay retry` (two clicks re-drive it once; a Redis error changes nothing)
@@ -22,8 +29,11 @@ import binascii
 import functools
 import hmac
 import html
+import io
 import ipaddress
 import re
+import secrets as random_tokens
+import urllib.parse
 import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -161,10 +171,117 @@ class ScrubPages:
         status, headers, exc_info = captured
         body = b"".join(chunks)
         content_type = next((value for name, value in headers if name.lower() == "content-type"), "")
-        if content_type.startswith("text/"):
+        if content_type.startswith(("text/", "application/json")):
             body = scrub_page(body.decode("utf-8", errors="replace"), self.secrets).encode()
         kept = [(name, value) for name, value in headers if name.lower() != "content-length"]
         start_response(status, [*kept, ("Content-Length", str(len(body))), *SECURITY_HEADERS], exc_info)
+        return [body]
+
+
+#: The largest form body CsrfCheck reads, in bytes (a re-drive of a full page of selected dead letters is ~10 KiB).
+MAX_FORM_BYTES = 1024 * 1024
+
+#: The form field (or header X-CSRF-Token) that carries the console's token.
+CSRF_FIELD = "csrf_token"
+
+
+def _plain(status: str, text: str) -> tuple[str, list[tuple[str, str]], list[bytes]]:
+    body = text.encode()
+    return status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))], [body]
+
+
+class CsrfCheck:
+    """WSGI middleware that refuses (403) every POST without the right CSRF token, or sent from another origin.
+
+    The token is random per app instance, compared with `hmac.compare_digest`, and carried by every form of the
+    console (and added to dramatiq-dashboard's by `Mount`); a page from another site cannot read it. A POST's form
+    body (at most MAX_FORM_BYTES) is parsed here and left in environ["whiskypay.form"], and put back in wsgi.input.
+
+    Parameters:
+        app: the WSGI application to protect.
+        token: the token; a fresh random one by default.
+    """
+
+    def __init__(self, app: WSGIApplication, *, token: str | None = None) -> None:
+        self.app = app
+        self.token = token or random_tokens.token_urlsafe(32)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "POST":
+            return self.app(environ, start_response)
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_FORM_BYTES:
+            status, headers, body = _plain("413 Content Too Large", "The form is too large.\n")
+            start_response(status, headers)
+            return body
+        raw = environ["wsgi.input"].read(length) if length else b""
+        form = urllib.parse.parse_qs(raw.decode("utf-8", errors="replace"), keep_blank_values=True)
+        given = environ.get("HTTP_X_CSRF_TOKEN") or (form.get(CSRF_FIELD) or [""])[0]
+        origin = environ.get("HTTP_ORIGIN")
+        same_origin = origin is None or urllib.parse.urlsplit(origin).netloc == environ.get("HTTP_HOST")
+        if not (hmac.compare_digest(given.encode(), self.token.encode()) and same_origin):
+            status, headers, body = _plain("403 Forbidden", "Refused: this POST lacks the page's CSRF token (or came "
+                                           "from another site). Reload the page and submit its form again.\n")
+            start_response(status, headers)
+            return body
+        environ = {**environ, "wsgi.input": io.BytesIO(raw), "whiskypay.form": form}
+        return self.app(environ, start_response)
+
+
+#: A POST form's opening tag in a dramatiq-dashboard page.
+_POST_FORM = re.compile(r'(<form\b[^>]*\bmethod="POST"[^>]*>)', re.IGNORECASE)
+
+
+class Mount:
+    """WSGI dispatcher: /dramatiq/... to dramatiq-dashboard (prefix stripped, our CSRF token added to its POST
+    forms), every other path to the console.
+
+    Parameters:
+        console: the console's WSGI app.
+        dramatiq: dramatiq-dashboard's app (built with prefix), or None where it is not installed.
+        token: the CSRF token to add to its forms.
+        prefix: where it is mounted.
+    """
+
+    def __init__(self, console: WSGIApplication, dramatiq: WSGIApplication | None, *, token: str,
+                 prefix: str = "/dramatiq") -> None:  # fmt: skip
+        self.console = console
+        self.dramatiq = dramatiq
+        self.field = f'<input type="hidden" name="{CSRF_FIELD}" value="{html.escape(token)}">'
+        self.prefix = prefix
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path != self.prefix and not path.startswith(self.prefix + "/"):
+            return self.console(environ, start_response)
+        if self.dramatiq is None:
+            status, headers, body = _plain("404 Not Found", "dramatiq-dashboard is not installed (docs/dashboard.md).\n")
+            start_response(status, headers)
+            return body
+        inner = {**environ, "PATH_INFO": path[len(self.prefix) :] or "/"}
+        captured: list[Any] = []
+        chunks: list[bytes] = []
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            captured[:] = [status, headers, exc_info]
+            return chunks.append
+
+        result = self.dramatiq(inner, capture)
+        try:
+            chunks.extend(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        status, headers, exc_info = captured
+        body = b"".join(chunks)
+        if any(name.lower() == "content-type" and value.startswith("text/html") for name, value in headers):
+            body = _POST_FORM.sub(lambda m: m.group(1) + self.field, body.decode("utf-8", "replace")).encode()
+        kept = [(name, value) for name, value in headers if name.lower() != "content-length"]
+        start_response(status, [*kept, ("Content-Length", str(len(body)))], exc_info)
         return [body]
 
 
@@ -208,7 +325,7 @@ def dashboard_app_class() -> type:
     from dramatiq_dashboard.interface import Job, RedisInterface
 
     from whiskypay import keys
-    from whiskypay.dead_letters import decode_dead_letter, redrive
+    from whiskypay.dead_letters import decode_dead_letter, delete_dead_letter, redrive
 
     class MaskedInterface(RedisInterface):  # type: ignore[misc]
         def __init__(self, broker: RedisBroker, secrets: tuple[str, ...]) -> None:
@@ -268,22 +385,64 @@ def dashboard_app_class() -> type:
                 return "409 Conflict", "This dead letter changed while it was read; reload the page and try again."
             return redirect(self.make_uri("queues", q_name(queue), "standard", new_id))
 
+        @handler  # type: ignore[untyped-decorator]
+        @csrf_protect  # type: ignore[untyped-decorator]
+        def delete_message(self, req: Any) -> Any:
+            # Deletes only dead letters, with the same check-and-delete script as the console's Delete.
+            if req.method != "POST":
+                return HTTP_405, "Expected a POST request."
+            queue, redis_id = req.post_data.get("queue", ""), req.post_data.get("id", "")
+            if queue != xq_name(queue) or not redis_id:
+                return "409 Conflict", "Only dead letters (a queue's Failed tab) can be deleted here."
+            client, namespace = self.broker.client, self.broker.namespace
+            try:
+                raw = client.hget(keys.dead_letter_messages(namespace, q_name(queue)), redis_id)
+                score = client.zscore(keys.dead_letters(namespace, q_name(queue)), redis_id)
+                if raw is None or score is None:
+                    return HTTP_410, "This dead letter no longer exists: it was requeued or deleted already."
+                result = delete_dead_letter(client, namespace, decode_dead_letter(q_name(queue), redis_id, raw,
+                                                                                  int(score)))  # fmt: skip
+            except redis.RedisError as exc:
+                return "503 Service Unavailable", f"Redis refused the delete ({type(exc).__name__}); nothing changed."
+            if result != "deleted":
+                return "409 Conflict", "This dead letter changed or went away while it was read; reload the page."
+            return redirect(self.make_uri("queues", q_name(queue), "failed"))
+
     return WhiskyPayDashboard
 
 
-def build_app(broker: RedisBroker, *, username: str, password: str, secrets: Iterable[str] = ()) -> WSGIApplication:
-    """Return the dashboard's WSGI application for broker, behind basic auth and page scrubbing.
+def build_app(
+    broker: RedisBroker, *, username: str, password: str, secrets: Iterable[str] = (), with_dramatiq: bool = True
+) -> WSGIApplication:
+    """Return the dashboard's WSGI application for broker: console and dramatiq-dashboard, auth, CSRF, scrubbing.
 
     Parameters:
-        broker: our RedisBroker, with both queues already declared (import `actors` first).
+        broker: our RedisBroker, with its queues already declared (import `actors` first).
         username: the basic-auth username.
         password: the basic-auth password (also redacted from pages).
         secrets: further values never to show in a page.
+        with_dramatiq: mount dramatiq-dashboard at /dramatiq/ (it must be installed).
     """
+    from dramatiq.common import q_name
+
+    from whiskypay.console.app import Console
+
     hidden = tuple(s for s in (*secrets, password) if s)
-    dashboard: WSGIApplication = dashboard_app_class()(broker, "", hidden)
-    scrubbed = ScrubPages(dashboard, secrets=hidden)
-    return BasicAuth(scrubbed, username=username, password=password)
+    token = random_tokens.token_urlsafe(32)
+    queues = sorted({q_name(name) for name in broker.get_declared_queues()})
+    console = Console(broker.client, broker.namespace, queues, csrf_token=token, resend=ledger_resend())
+    dashboard: WSGIApplication | None = dashboard_app_class()(broker, "/dramatiq", hidden) if with_dramatiq else None
+    app = CsrfCheck(Mount(console, dashboard, token=token), token=token)
+    return BasicAuth(ScrubPages(app, secrets=hidden), username=username, password=password)
+
+
+def ledger_resend() -> Any:
+    """Return the ledger's resend of one payment, `resend(client, namespace, payment) -> str`, or None without it."""
+    try:
+        from whiskypay.cli import ledger  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return None
+    return getattr(ledger, "resend_payment", None)
 
 
 def is_loopback(host: str) -> bool:

@@ -54,6 +54,22 @@ return 1
 
 RedriveResult = Literal["re-driven", "gone", "changed"]
 
+#: Delete one dead letter only if it is still the one read. KEYS: XQ, XQ.msgs; ARGV: redis id, the data read.
+#: Returns 1 deleted, 0 no longer dead-lettered, -1 changed since it was read (left alone).
+DELETE_LUA = """
+if not redis.call("zscore", KEYS[1], ARGV[1]) then
+    return 0
+end
+if redis.call("hget", KEYS[2], ARGV[1]) ~= ARGV[2] then
+    return -1
+end
+redis.call("zrem", KEYS[1], ARGV[1])
+redis.call("hdel", KEYS[2], ARGV[1])
+return 1
+"""
+
+DeleteResult = Literal["deleted", "gone", "changed"]
+
 #: Positional argument order of our actors, for messages sent with args instead of kwargs.
 _POSITIONAL = {
     "send_callback": ("callback_url", "email"),
@@ -296,3 +312,10 @@ def _redrive(
         moved = int(client.register_script(REDRIVE_LUA)(keys=names, args=[letter.redis_id, letter.raw, new_id, data]))
     result: RedriveResult = {1: "re-driven", 0: "gone", -1: "changed"}[moved]  # type: ignore[assignment]
     return result, message
+
+
+def delete_dead_letter(client: redis.Redis, namespace: str, letter: DeadLetter) -> DeleteResult:
+    """Delete one dead letter atomically (DELETE_LUA) if it is unchanged since it was read; return what happened."""
+    names = [keys.dead_letters(namespace, letter.queue), keys.dead_letter_messages(namespace, letter.queue)]
+    deleted = int(client.register_script(DELETE_LUA)(keys=names, args=[letter.redis_id, letter.raw]))
+    return {1: "deleted", 0: "gone", -1: "changed"}[deleted]  # type: ignore[return-value]

@@ -1,0 +1,343 @@
+"""What the operator console's pages show, read from Redis: plain JSON-ready dicts, bounded reads only.
+
+Every function takes a redis client and the broker namespace, and reads a bounded amount per call: counts
+(LLEN/ZCARD/SCARD), one script call for the breakers, one HGETALL of the per-merchant counters, a range of a
+sorted set (ZRANGE with a limit), at most SCAN_LIMIT entries of an index when a filter has to look at entries
+one by one. Nothing here runs KEYS or SCAN over the keyspace.
+
+The delivery ledger (issue 11, `whiskypay.ledger`) is optional: `ledger()` returns its module, or None where it is
+not installed, and the pages that need it say so.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import uuid
+from collections.abc import Iterable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+from whiskypay import keys
+from whiskypay.breakers import BreakerStore
+from whiskypay.cli.ops import parked_by_queue
+from whiskypay.dead_letters import (
+    DeadLetter,
+    dead_letter_count,
+    decode_dead_letter,
+    delete_dead_letter,
+    iter_dead_letters,
+    redrive,
+)
+from whiskypay.queue_stats import queue_counts
+
+if TYPE_CHECKING:
+    import redis
+
+#: Rows per page of /events and /dead-letters.
+PAGE_SIZE = 50
+
+#: The most index entries a filtered page looks at (newest first) before it stops and offers "older".
+SCAN_LIMIT = 2000
+
+#: Minutes of the overview's delivered / failed chart.
+CHART_MINUTES = 60
+
+#: Payments (newest first) whose webhook delivery times give the overview's latency percentiles.
+LATENCY_SAMPLE = 500
+
+#: What a page says where the delivery ledger is not installed.
+NO_LEDGER = (
+    "The delivery ledger (issue 11, whiskypay.ledger) is not part of this install, so per-payment records, attempts "
+    "and latency are not available here."
+)
+
+
+def ledger() -> ModuleType | None:
+    """Return the delivery ledger's module (`whiskypay.ledger`), or None where it has not landed."""
+    try:
+        return importlib.import_module("whiskypay.ledger")
+    except ImportError:
+        return None
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _percentile(values: list[int], fraction: float) -> int | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# overview
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def minute_chart(client: redis.Redis, namespace: str, queues: Iterable[str], *, now_s: float) -> list[dict[str, Any]]:
+    """Return the last CHART_MINUTES minutes' delivered and failed attempts of queues, oldest first (one pipeline)."""
+    this_minute = int(now_s) // 60
+    minutes = list(range(this_minute - CHART_MINUTES + 1, this_minute + 1))
+    queues = list(queues)
+    pipe = client.pipeline(transaction=False)
+    for minute in minutes:
+        for queue in queues:
+            pipe.hmget(keys.minute_outcomes(namespace, queue, minute), ["delivered", "failed"])
+    replies = iter(pipe.execute())
+    chart = []
+    for minute in minutes:
+        delivered = failed = 0
+        for _ in queues:
+            d, f = next(replies)
+            delivered, failed = delivered + int(d or 0), failed + int(f or 0)
+        chart.append({"minute": time.strftime("%H:%M", time.gmtime(minute * 60)), "delivered": delivered,
+                      "failed": failed})  # fmt: skip
+    return chart
+
+
+def latency(client: redis.Redis, namespace: str) -> dict[str, Any] | None:
+    """Return p50/p95 of the time from enqueue to delivered for the newest LATENCY_SAMPLE webhooks, or None."""
+    module = ledger()
+    if module is None:
+        return None
+    pids = [_text(pid) for pid in client.zrevrange(module.time_index_key(namespace), 0, LATENCY_SAMPLE - 1)]
+    samples = []
+    for payment in module.load_payments(client, namespace, pids):
+        if payment.webhook_state != "delivered":
+            continue
+        at = [row.get("at") for row in payment.rows if row.get("j") == "w" and row.get("o") == "delivered"]
+        at = [value for value in at if isinstance(value, int)]
+        if at:
+            samples.append(max(0, min(at) - payment.created_ms))
+    return {"p50_ms": _percentile(samples, 0.5), "p95_ms": _percentile(samples, 0.95), "sample": len(samples)}
+
+
+def overview(client: redis.Redis, namespace: str, queues: Iterable[str], *, now_s: float | None = None) -> dict[str, Any]:
+    """Return the overview: per queue counts and oldest wait, the last hour's chart, the delivery latency."""
+    now_s = time.time() if now_s is None else now_s
+    queues = sorted(queues)
+    parked = parked_by_queue(client, namespace)
+    rows = []
+    for queue in queues:
+        counts = queue_counts(client, namespace, queue, now_ms=int(now_s * 1000))
+        completed, failed = client.hmget(keys.outcome_counters(namespace, queue), ["completed", "failed"])
+        rows.append({
+            "queue": queue, "waiting": counts.waiting, "delayed": counts.delayed, "in_flight": counts.in_flight,
+            "parked": parked.get(queue, 0), "dead_lettered": counts.dead_letters,
+            "oldest_wait_ms": counts.oldest_wait_ms, "completed": int(completed or 0), "failed": int(failed or 0),
+        })  # fmt: skip
+    return {"queues": rows, "chart": minute_chart(client, namespace, queues, now_s=now_s),
+            "latency": latency(client, namespace)}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# merchants
+# --------------------------------------------------------------------------------------------------------------------
+
+MerchantSort = Literal["merchant", "deliveries", "failure_rate", "state", "parked"]
+
+#: The columns /merchants sorts by, and whether each sorts highest first.
+MERCHANT_SORTS: dict[str, bool] = {"merchant": False, "deliveries": True, "failure_rate": True, "state": True,
+                                   "parked": True}  # fmt: skip
+
+
+def merchants(client: redis.Redis, namespace: str, queues: Iterable[str], *, sort: str = "state") -> list[dict[str, Any]]:
+    """Return every merchant with counters or a breaker record: deliveries, failure rate, breaker, parked, last error.
+
+    Deliveries and dead letters come from OutcomeCounters' per-merchant hash (merchants sending a `merchant_id`,
+    since the counters started); breaker state, parked count and last error from the breakers (merchant_id, else
+    callback host). One HGETALL per queue and one script call.
+    """
+    found: dict[str, dict[str, Any]] = {}
+
+    def entry(name: str) -> dict[str, Any]:
+        return found.setdefault(name, {"merchant": name, "delivered": 0, "dead_lettered": 0, "state": "closed",
+                                       "failures": 0, "parked": 0, "last_error": None, "since": None,
+                                       "held": False, "host": None})  # fmt: skip
+
+    for queue in queues:
+        for field, value in client.hgetall(keys.merchant_outcome_counters(namespace, queue)).items():
+            outcome, _, merchant = _text(field).partition(":")
+            if merchant and outcome in ("completed", "failed"):
+                entry(merchant)["delivered" if outcome == "completed" else "dead_lettered"] += int(value)
+    for breaker in BreakerStore(client, namespace).snapshot().values():
+        row = entry(breaker.merchant)
+        row.update({"state": breaker.state, "failures": breaker.failures, "parked": breaker.parked,
+                    "last_error": breaker.last_error, "since": breaker.since_ms, "held": breaker.held,
+                    "host": breaker.host})  # fmt: skip
+    for row in found.values():
+        total = row["delivered"] + row["dead_lettered"]
+        row["deliveries"] = total
+        row["failure_rate"] = round(row["dead_lettered"] / total, 4) if total else None
+    rows = list(found.values())
+    key = sort if sort in MERCHANT_SORTS else "state"
+    rows.sort(key=lambda r: r["merchant"])
+    if key == "state":
+        rows.sort(key=lambda r: (r["state"] != "open", -r["parked"], -(r["failure_rate"] or 0)))
+    elif key != "merchant":
+        rows.sort(key=lambda r: r[key] if r[key] is not None else -1, reverse=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# events (the ledger)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def payment_row(payment: Any) -> dict[str, Any]:
+    """Return one /events row of a ledger payment (the `events --json` object plus a few summary fields)."""
+    last = payment.last_row() or {}
+    data: dict[str, Any] = payment.to_json()
+    data.update({
+        "id": payment.label, "pid": payment.pid, "webhook_state": payment.webhook_state,
+        "buyer_email_state": payment.email_state("buyer"), "merchant_email_state": payment.email_state("merchant"),
+        "attempts": len(payment.rows), "last_status": last.get("c"), "last_error": last.get("err"),
+        "created_ms": payment.created_ms,
+    })  # fmt: skip
+    return data
+
+
+def events(client: redis.Redis, namespace: str, *, query: str = "", merchant: str = "", state: str = "",
+           cursor: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Return one page of payments newest first, or those an id names; None-free dict with `next` (a cursor).
+
+    query: an event id, webhook-id or message id (the ledger's indexes: no scan). merchant / state filter the
+    time index newest first, looking at SCAN_LIMIT entries at most per page; `next` continues after them.
+    """
+    module = ledger()
+    if module is None:
+        return {"available": False, "rows": [], "next": None, "scanned": 0}
+    if query:
+        pids = module.resolve(client, namespace, query, merchant or None)
+        found = module.load_payments(client, namespace, pids)
+        if merchant:
+            found = [payment for payment in found if payment.merchant_id == merchant]
+        return {"available": True, "rows": [payment_row(p) for p in found], "next": None, "scanned": len(pids)}
+    index = module.time_index_key(namespace)
+    if not merchant and not state:
+        pids = [_text(pid) for pid in client.zrevrange(index, cursor, cursor + PAGE_SIZE - 1)]
+        rows = [payment_row(p) for p in module.load_payments(client, namespace, pids)]
+        more = len(pids) == PAGE_SIZE
+        return {"available": True, "rows": rows, "next": cursor + PAGE_SIZE if more else None, "scanned": len(pids)}
+    rows, position, batch = [], cursor, 200
+    while len(rows) < PAGE_SIZE and position - cursor < SCAN_LIMIT:
+        pids = [_text(pid) for pid in client.zrevrange(index, position, position + batch - 1)]
+        if not pids:
+            return {"available": True, "rows": rows, "next": None, "scanned": position - cursor}
+        for offset, payment in enumerate(module.load_payments(client, namespace, pids)):
+            if merchant and payment.merchant_id != merchant:
+                continue
+            if state and state not in payment.states():
+                continue
+            rows.append(payment_row(payment))
+            if len(rows) >= PAGE_SIZE:
+                position += pids.index(payment.pid) + 1 if payment.pid in pids else offset + 1
+                return {"available": True, "rows": rows, "next": position, "scanned": position - cursor}
+        position += len(pids)
+    return {"available": True, "rows": rows, "next": position, "scanned": position - cursor}
+
+
+def event(client: redis.Redis, namespace: str, ident: str, merchant: str = "") -> list[Any] | None:
+    """Return the ledger payments ident names (usually one), or None where the ledger is not installed."""
+    module = ledger()
+    if module is None:
+        return None
+    found = module.load_payments(client, namespace, module.resolve(client, namespace, ident, merchant or None))
+    return [payment for payment in found if not merchant or payment.merchant_id == merchant]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# dead letters
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def letter_row(letter: DeadLetter) -> dict[str, Any]:
+    """Return one /dead-letters row: `whiskypay failed --json`'s object, its redis id and the reason in full."""
+    return {**letter.summary(), "redis_id": letter.redis_id, "ref": f"{letter.queue}:{letter.redis_id}"}
+
+
+def dead_letters(client: redis.Redis, namespace: str, queues: Iterable[str], *, queue: str = "", merchant: str = "",
+                 message_id: str = "", cursor: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Return one page of dead letters, newest first, with the total of each queue.
+
+    Without a filter it is a ZRANGE of PAGE_SIZE per queue shown; with merchant or message_id it looks at the
+    newest SCAN_LIMIT dead letters of each queue at most (`scanned` says how many), from cursor on.
+    """
+    shown = [queue] if queue else sorted(queues)
+    totals = {name: dead_letter_count(client, namespace, name) for name in shown}
+    rows: list[dict[str, Any]] = []
+    limit = cursor + (SCAN_LIMIT if merchant or message_id else PAGE_SIZE)
+    scanned = 0
+    for name in shown:
+        for index, letter in enumerate(iter_dead_letters(client, namespace, name, limit=limit)):
+            if index < cursor:
+                continue
+            scanned += 1
+            if merchant and letter.merchant_id != merchant and letter.callback_host != merchant:
+                continue
+            if message_id and message_id not in (letter.message_id, letter.redis_id):
+                continue
+            rows.append(letter_row(letter))
+    rows.sort(key=lambda row: row["failed_at_ms"], reverse=True)
+    more = any(totals[name] > limit for name in shown)
+    return {"rows": rows[: PAGE_SIZE if not (merchant or message_id) else SCAN_LIMIT], "totals": totals,
+            "next": limit if more else None, "scanned": scanned, "filtered": bool(merchant or message_id)}  # fmt: skip
+
+
+def _letter(client: redis.Redis, namespace: str, ref: str) -> DeadLetter | None:
+    queue, _, redis_id = ref.partition(":")
+    raw = client.hget(keys.dead_letter_messages(namespace, queue), redis_id)
+    score = client.zscore(keys.dead_letters(namespace, queue), redis_id)
+    if raw is None or score is None:
+        return None
+    return decode_dead_letter(queue, redis_id, raw, int(score))
+
+
+def redrive_refs(client: redis.Redis, namespace: str, refs: Iterable[str], queues: Iterable[str]) -> dict[str, int]:
+    """Re-drive the dead letters refs name ("queue:redis_id"), each atomically (`whiskypay.dead_letters.redrive`).
+
+    Returns how many ended each way: re-driven, gone, changed, unreadable.
+    """
+    allowed = set(queues)
+    counts: dict[str, int] = {}
+    for ref in refs:
+        letter = _letter(client, namespace, ref) if ref.partition(":")[0] in allowed else None
+        if letter is None:
+            result = "gone"
+        elif letter.message is None:
+            result = "unreadable"
+        else:
+            result = redrive(client, namespace, letter, new_id=str(uuid.uuid4()))
+        counts[result] = counts.get(result, 0) + 1
+    return counts
+
+
+def redrive_all(client: redis.Redis, namespace: str, queue: str, *, merchant: str = "") -> dict[str, int]:
+    """Re-drive every dead letter of queue (of merchant, when given), oldest first, like `whiskypay retry --all`."""
+    counts: dict[str, int] = {}
+    for letter in iter_dead_letters(client, namespace, queue, newest_first=False):
+        if merchant and letter.merchant_id != merchant and letter.callback_host != merchant:
+            continue
+        result = "unreadable" if letter.message is None else redrive(client, namespace, letter)
+        counts[result] = counts.get(result, 0) + 1
+    return counts
+
+
+def delete_refs(client: redis.Redis, namespace: str, refs: Iterable[str], queues: Iterable[str]) -> dict[str, int]:
+    """Delete the dead letters refs name, each only if unchanged since read (`whiskypay.dead_letters.delete_dead_letter`)."""
+    allowed = set(queues)
+    counts: dict[str, int] = {}
+    for ref in refs:
+        letter = _letter(client, namespace, ref) if ref.partition(":")[0] in allowed else None
+        result = "gone" if letter is None else delete_dead_letter(client, namespace, letter)
+        counts[result] = counts.get(result, 0) + 1
+    return counts
+
+
+def letters_of_message(client: redis.Redis, namespace: str, queue: str, message_id: str) -> list[DeadLetter]:
+    """Return queue's dead letters of message_id among its newest SCAN_LIMIT (for an event page's Re-drive)."""
+    return [letter for letter in iter_dead_letters(client, namespace, queue, limit=SCAN_LIMIT)
+            if letter.message_id == message_id]  # fmt: skip
