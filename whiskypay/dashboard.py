@@ -1,4 +1,4 @@
-"""The dashboard's WSGI app: the operator console and dramatiq-dashboard, behind HTTP basic auth, CSRF-checked, scrubbed.
+"""The dashboard's WSGI app: the operator console and dramatiq-dashboard, behind basic auth, CSRF-checked, scrubbed.
 
 `whiskypay dashboard` (whiskypay/cli/dashboard.py) serves it with waitress. The operator console
 (whiskypay/console/: overview, merchants, events, dead letters) answers every path but /dramatiq/, where
@@ -16,7 +16,7 @@ The WSGI stack, outermost first:
                     from another origin; every state-changing request is a POST
     Mount           /dramatiq/... to dramatiq-dashboard (our token added to its forms), everything else to the console
     Console         whiskypay.console.app
-    DashboardApp    dramatiq-dashboard itself (its own CSRF token also guards the requeue and delete forms), with two changes
+    DashboardApp    dramatiq-dashboard itself (its own CSRF token also guards requeue and delete), with three changes
                     (`dashboard_app_class`): every message it shows has its address fields masked by their structure
                     and its URLs cut before the query string, and Requeue re-drives a dead letter with the same
                     atomic script as `whiskypay retry` (two clicks re-drive it once; a Redis error changes nothing)
@@ -258,9 +258,9 @@ class Mount:
         if path != self.prefix and not path.startswith(self.prefix + "/"):
             return self.console(environ, start_response)
         if self.dramatiq is None:
-            status, headers, body = _plain("404 Not Found", "dramatiq-dashboard is not installed (docs/dashboard.md).\n")
-            start_response(status, headers)
-            return body
+            missing = _plain("404 Not Found", "dramatiq-dashboard is not installed (docs/dashboard.md).\n")
+            start_response(missing[0], missing[1])
+            return missing[2]
         inner = {**environ, "PATH_INFO": path[len(self.prefix) :] or "/"}
         captured: list[Any] = []
         chunks: list[bytes] = []
@@ -277,12 +277,12 @@ class Mount:
             if close is not None:
                 close()
         status, headers, exc_info = captured
-        body = b"".join(chunks)
+        page = b"".join(chunks)
         if any(name.lower() == "content-type" and value.startswith("text/html") for name, value in headers):
-            body = _POST_FORM.sub(lambda m: m.group(1) + self.field, body.decode("utf-8", "replace")).encode()
+            page = _POST_FORM.sub(lambda m: m.group(1) + self.field, page.decode("utf-8", "replace")).encode()
         kept = [(name, value) for name, value in headers if name.lower() != "content-length"]
-        start_response(status, [*kept, ("Content-Length", str(len(body)))], exc_info)
-        return [body]
+        start_response(status, [*kept, ("Content-Length", str(len(page)))], exc_info)
+        return [page]
 
 
 def masked_message(message: Any, secrets: tuple[str, ...] = ()) -> Any:

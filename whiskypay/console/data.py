@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from whiskypay import keys
 from whiskypay.breakers import BreakerStore
@@ -69,7 +69,7 @@ def _percentile(values: list[int], fraction: float) -> int | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -115,7 +115,9 @@ def latency(client: redis.Redis, namespace: str) -> dict[str, Any] | None:
     return {"p50_ms": _percentile(samples, 0.5), "p95_ms": _percentile(samples, 0.95), "sample": len(samples)}
 
 
-def overview(client: redis.Redis, namespace: str, queues: Iterable[str], *, now_s: float | None = None) -> dict[str, Any]:
+def overview(
+    client: redis.Redis, namespace: str, queues: Iterable[str], *, now_s: float | None = None
+) -> dict[str, Any]:
     """Return the overview: per queue counts and oldest wait, the last hour's chart, the delivery latency."""
     now_s = time.time() if now_s is None else now_s
     queues = sorted(queues)
@@ -144,7 +146,9 @@ MERCHANT_SORTS: dict[str, bool] = {"merchant": False, "deliveries": True, "failu
                                    "parked": True}  # fmt: skip
 
 
-def merchants(client: redis.Redis, namespace: str, queues: Iterable[str], *, sort: str = "state") -> list[dict[str, Any]]:
+def merchants(
+    client: redis.Redis, namespace: str, queues: Iterable[str], *, sort: str = "state"
+) -> list[dict[str, Any]]:
     """Return every merchant with counters or a breaker record: deliveries, failure rate, breaker, parked, last error.
 
     Deliveries and dead letters come from OutcomeCounters' per-merchant hash (merchants sending a `merchant_id`,
@@ -289,7 +293,7 @@ def dead_letters(client: redis.Redis, namespace: str, queues: Iterable[str], *, 
 
 def _letter(client: redis.Redis, namespace: str, ref: str) -> DeadLetter | None:
     queue, _, redis_id = ref.partition(":")
-    raw = client.hget(keys.dead_letter_messages(namespace, queue), redis_id)
+    raw = cast("bytes | None", client.hget(keys.dead_letter_messages(namespace, queue), redis_id))
     score = client.zscore(keys.dead_letters(namespace, queue), redis_id)
     if raw is None or score is None:
         return None
@@ -327,7 +331,7 @@ def redrive_all(client: redis.Redis, namespace: str, queue: str, *, merchant: st
 
 
 def delete_refs(client: redis.Redis, namespace: str, refs: Iterable[str], queues: Iterable[str]) -> dict[str, int]:
-    """Delete the dead letters refs name, each only if unchanged since read (`whiskypay.dead_letters.delete_dead_letter`)."""
+    """Delete the dead letters refs name, each only if unchanged since read (`dead_letters.delete_dead_letter`)."""
     allowed = set(queues)
     counts: dict[str, int] = {}
     for ref in refs:
