@@ -215,11 +215,12 @@ def redis_id(letter: dict[str, Any]) -> str:
     return str(letter["options"]["redis_message_id"])
 
 
-def csrf_token(page: str) -> str:
-    """Return the CSRF token of the first form on a dashboard page."""
-    match = re.search(r'name="__dd_csrf" value="([0-9a-f]+)"', page)
-    assert match, "no CSRF token on the page"
-    return match.group(1)
+def csrf_tokens(page: str) -> dict[str, str]:
+    """Return the CSRF fields of the first form on a dramatiq-dashboard page: its own token and the console's."""
+    theirs = re.search(r'name="__dd_csrf" value="([0-9a-f]+)"', page)
+    ours = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert theirs and ours, "no CSRF tokens on the page"
+    return {"__dd_csrf": theirs.group(1), "csrf_token": ours.group(1)}
 
 
 @pytest.mark.parametrize(
@@ -230,7 +231,7 @@ def csrf_token(page: str) -> str:
 def test_the_dashboard_refuses_requests_without_valid_credentials(
     dashboard_url: str, auth: tuple[str, str] | None
 ) -> None:
-    for path in ("/", "/queues/callbackQueue/failed", "/requeue-message", "/delete-message"):
+    for path in ("/", "/queues/callbackQueue/failed", "/dramatiq/requeue-message", "/dramatiq/delete-message"):
         # When a request arrives without the right credentials
         answer = requests.post(dashboard_url + path, auth=auth, data={"queue": "callbackQueue.XQ", "id": "x"})
         # Then it is refused with a challenge, and no dashboard content
@@ -247,7 +248,7 @@ def test_the_dashboard_lists_both_queues_with_the_right_credentials(
     # Then both of our queues are listed, and the page may neither be framed nor cached
     assert answer.status_code == 200
     for queue in QUEUES:
-        assert f'href="/queues/{queue}"' in answer.text
+        assert f'href="/dramatiq/queues/{queue}"' in answer.text
     assert answer.headers["X-Frame-Options"] == "DENY"
     assert answer.headers["Cache-Control"] == "no-store"
 
@@ -257,7 +258,7 @@ def test_the_dashboard_lists_both_queues_with_the_right_credentials(
 def test_every_tab_of_both_queues_answers(
     redis_client: redis.Redis, dashboard_url: str, session: requests.Session, queue: str, tab: str
 ) -> None:
-    answer = session.get(f"{dashboard_url}/queues/{queue}/{tab}")
+    answer = session.get(f"{dashboard_url}/dramatiq/queues/{queue}/{tab}")
     assert answer.status_code == 200
     assert "No jobs" in answer.text or "table__empty" in answer.text
 
@@ -278,8 +279,8 @@ def test_a_failed_message_shows_its_error_and_can_be_requeued_and_delivered(
     traceback = letter["options"]["traceback"]
     assert "503" in traceback
     # When an operator opens the failed tab and the message's page
-    failed = session.get(f"{dashboard_url}/queues/callbackQueue/failed")
-    page = session.get(f"{dashboard_url}/queues/callbackQueue/failed/{redis_id(letter)}")
+    failed = session.get(f"{dashboard_url}/dramatiq/queues/callbackQueue/failed")
+    page = session.get(f"{dashboard_url}/dramatiq/queues/callbackQueue/failed/{redis_id(letter)}")
     # Then the failed tab lists it, and its page shows the stored error, but neither the buyer's email nor a secret
     assert failed.status_code == 200 and redis_id(letter) in failed.text
     assert page.status_code == 200
@@ -289,14 +290,14 @@ def test_a_failed_message_shows_its_error_and_can_be_requeued_and_delivered(
     # When the receiver is fixed and the operator requeues the message with the form's CSRF token
     receiver.respond("/hook", Response(status=200))
     requeued = session.post(
-        f"{dashboard_url}/requeue-message",
-        data={"__dd_csrf": csrf_token(failed.text), "queue": "callbackQueue.XQ", "id": redis_id(letter)},
+        f"{dashboard_url}/dramatiq/requeue-message",
+        data={**csrf_tokens(failed.text), "queue": "callbackQueue.XQ", "id": redis_id(letter)},
         allow_redirects=False,
     )
     # Then the dead letter is gone from Redis and the worker delivers it with the same webhook-id
     assert requeued.status_code == 302
     # (to the re-driven message's page on the standard tab, which shows the tab once a worker took it)
-    assert requeued.headers["Location"].startswith("/queues/callbackQueue/standard/")
+    assert requeued.headers["Location"].startswith("/dramatiq/queues/callbackQueue/standard/")
     assert dead_letters(redis_client, "callbackQueue") == []
     delivered = receiver.wait_for(2, path="/hook")[1]
     assert delivered.headers["webhook-id"] == f"msg_{letter['message_id']}"
@@ -316,20 +317,20 @@ def test_a_failed_message_can_be_deleted(
     # Given a dead-lettered callback
     start_workers("--queues", "callbackQueue", env=env)
     letter = dead_letter_one(redis_client, receiver, send_callback.send)
-    page = session.get(f"{dashboard_url}/queues/callbackQueue/failed/{redis_id(letter)}")
+    page = session.get(f"{dashboard_url}/dramatiq/queues/callbackQueue/failed/{redis_id(letter)}")
     # When a request without the CSRF token tries to delete it, then it is refused
-    forged = session.post(f"{dashboard_url}/delete-message", data={"queue": "callbackQueue.XQ", "id": redis_id(letter)})
+    forged = session.post(f"{dashboard_url}/dramatiq/delete-message", data={"queue": "callbackQueue.XQ", "id": redis_id(letter)})
     assert forged.status_code == 403
     assert len(dead_letters(redis_client, "callbackQueue")) == 1
     # When the operator deletes it with the page's form
     deleted = session.post(
-        f"{dashboard_url}/delete-message",
-        data={"__dd_csrf": csrf_token(page.text), "queue": "callbackQueue.XQ", "id": redis_id(letter)},
+        f"{dashboard_url}/dramatiq/delete-message",
+        data={**csrf_tokens(page.text), "queue": "callbackQueue.XQ", "id": redis_id(letter)},
         allow_redirects=False,
     )
     # Then it is gone from the dead-letter set and hash, and was never delivered again
     assert deleted.status_code == 302
-    assert deleted.headers["Location"] == "/queues/callbackQueue/failed"
+    assert deleted.headers["Location"] == "/dramatiq/queues/callbackQueue/failed"
     assert dead_letters(redis_client, "callbackQueue") == []
     assert redis_client.zcard(f"{NAMESPACE}:callbackQueue.XQ") == 0
     time.sleep(0.3)
@@ -360,9 +361,9 @@ def requeue_form(url: str, redis_id: str) -> tuple[requests.Session, dict[str, s
     """Open the failed tab in a new logged-in session; return it and the Requeue form's fields for redis_id."""
     s = requests.Session()
     s.auth = (USER, PASSWORD)
-    page = s.get(f"{url}/queues/callbackQueue/failed")
+    page = s.get(f"{url}/dramatiq/queues/callbackQueue/failed")
     assert page.status_code == 200 and redis_id in page.text
-    return s, {"__dd_csrf": csrf_token(page.text), "queue": "callbackQueue.XQ", "id": redis_id}
+    return s, {**csrf_tokens(page.text), "queue": "callbackQueue.XQ", "id": redis_id}
 
 
 def test_two_simultaneous_requeue_clicks_redrive_a_dead_letter_once(
@@ -379,7 +380,7 @@ def test_two_simultaneous_requeue_clicks_redrive_a_dead_letter_once(
         def click(session: requests.Session, data: dict[str, str], barrier: threading.Barrier = barrier,
                   answers: list[int] = answers) -> None:
             barrier.wait()
-            answers.append(session.post(f"{dashboard_url}/requeue-message", data=data, allow_redirects=False,
+            answers.append(session.post(f"{dashboard_url}/dramatiq/requeue-message", data=data, allow_redirects=False,
                                         timeout=10).status_code)  # fmt: skip
 
         # When both click Requeue at the same moment
@@ -449,7 +450,7 @@ def test_a_requeue_keeps_the_dead_letter_when_redis_refuses_writes_and_works_whe
                 # When Redis turns read-only (a replica of a master it cannot reach: it keeps its data) and the
                 # operator clicks Requeue
                 client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
-                refused = s.post(f"{url}/requeue-message", data=form, allow_redirects=False, timeout=10)
+                refused = s.post(f"{url}/dramatiq/requeue-message", data=form, allow_redirects=False, timeout=10)
                 # Then the page says Redis refused and nothing changed: the dead letter is still there, whole
                 assert refused.status_code == 503
                 assert "the dead letter is unchanged" in refused.text and "ReadOnlyError" in refused.text
@@ -460,7 +461,7 @@ def test_a_requeue_keeps_the_dead_letter_when_redis_refuses_writes_and_works_whe
                 client.execute_command("REPLICAOF", "NO", "ONE")
                 client.config_set("maxmemory-policy", "noeviction")
                 client.config_set("maxmemory", 1)
-                again = s.post(f"{url}/requeue-message", data=form, allow_redirects=False, timeout=10)
+                again = s.post(f"{url}/dramatiq/requeue-message", data=form, allow_redirects=False, timeout=10)
                 # Then the same click re-drives it: the move starts by deleting, which Redis allows when full
                 assert again.status_code == 302, again.text
                 assert queue_state(client) == (1, 1, 0)
@@ -592,8 +593,10 @@ def test_no_page_shows_the_redis_password_a_secret_or_a_buyer_email(
         letter = dead_letter_one(broker.client, receiver, lambda **kwargs: broker.enqueue(send(**kwargs)))
         # When an operator walks every page of the real `whiskypay dashboard`
         process = start_dashboard(private_env)
-        pages = [f"/queues/{queue}/{tab}" for queue in QUEUES for tab in ("standard", "delayed", "failed")]
-        pages += ["/", f"/queues/callbackQueue/failed/{redis_id(letter)}", "/no-such-page"]
+        pages = [f"/dramatiq/queues/{queue}/{tab}" for queue in QUEUES for tab in ("standard", "delayed", "failed")]
+        pages += ["/dramatiq/", f"/dramatiq/queues/callbackQueue/failed/{redis_id(letter)}", "/no-such-page"]
+        pages += ["/", "/?format=json", "/merchants", "/events", "/dead-letters", "/dead-letters?format=json",
+                  f"/events/{letter['message_id']}"]
         texts = []
         for path in pages:
             answer = requests.get(process.url + path, auth=(USER, PASSWORD), timeout=5)
