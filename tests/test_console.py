@@ -112,8 +112,9 @@ def put_dead_letter(client: redis.Redis, *, merchant_id: str | None = "m-1", que
 
 
 def queue_state(client: redis.Redis, queue: str = "callbackQueue") -> tuple[int, int]:
-    """Return (waiting ids, dead letters) of queue."""
-    return int(client.llen(keys.queue(NAMESPACE, queue))), int(client.zcard(keys.dead_letters(NAMESPACE, queue)))
+    """Return (waiting: in the queue or its replay lane, dead letters) of queue."""
+    waiting = int(client.llen(keys.queue(NAMESPACE, queue))) + int(client.zcard(keys.replay_lane(NAMESPACE, queue)))
+    return waiting, int(client.zcard(keys.dead_letters(NAMESPACE, queue)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -130,7 +131,16 @@ def test_every_route_answers_401_without_the_right_credentials(client: Client, a
         assert "csrf" not in answer.text.lower()
 
 
+def send_payment(event_id: str = "evt_1", merchant_id: str = "m-1") -> Any:
+    """Send one callback through the real enqueue path (no worker runs): the ledger records it as pending."""
+    from actors import send_callback
+
+    return send_callback.send(callback_url="https://merchant.example/hook?token=T0KEN", email=BUYER, plan="pro",
+                              price=19.99, event_id=event_id, merchant_id=merchant_id)  # fmt: skip
+
+
 def test_every_get_route_answers_with_credentials_and_forbids_framing(client: Client) -> None:
+    send_payment()
     for path in GET_ROUTES:
         answer = client.get(path)
         assert answer.status == 200, (path, answer.text[:300])
@@ -218,7 +228,7 @@ def test_re_drive_selected_moves_each_once_and_a_second_click_finds_it_gone(
     assert "re-driven 2" in urllib.parse.unquote_plus(first.headers["Location"])
     assert "gone 2" in urllib.parse.unquote_plus(second.headers["Location"])
     # And the re-driven messages start over: no retries, no traceback
-    for raw in redis_client.hvals(keys.messages(NAMESPACE, "callbackQueue")):
+    for raw in redis_client.hvals(keys.replay_lane_messages(NAMESPACE, "callbackQueue")):
         options = json.loads(raw)["options"]
         assert "retries" not in options and "traceback" not in options
 
@@ -321,6 +331,7 @@ def test_a_merchant_page_lists_its_dead_letters_with_re_drive_all(client: Client
 
 
 def test_no_page_or_json_twin_shows_a_secret_a_buyer_or_a_url_query(client: Client, redis_client: redis.Redis) -> None:
+    send_payment()
     put_dead_letter(redis_client, error=f"HttpStatusError: HTTP 503 from merchant.example for {BUYER} {TEST_SECRET}")
     texts = [client.get(path).text for path in GET_ROUTES if not path.startswith("/static")]
     everything = "\n".join(texts)
@@ -340,3 +351,49 @@ def test_pages_whose_source_is_missing_say_so(client: Client, redis_client: redi
     assert client.get("/events?format=json").json()["available"] is False
     refused = client.post("/events/evt_1/resend", {"csrf_token": client.token()})
     assert refused.status == 409
+
+
+def test_events_are_searched_by_event_message_or_webhook_id_and_filtered_by_merchant_and_state(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    from whiskypay.console import data
+
+    if data.ledger() is None:
+        pytest.skip("the delivery ledger is not installed here")
+    # Given three payments of two merchants, pending in the ledger
+    first = send_payment("evt_a", "m-1")
+    send_payment("evt_b", "m-1")
+    send_payment("evt_c", "m-2")
+    # Then the list is newest first; an event id, a message id and a webhook-id each find the one payment
+    listed = client.get("/events?format=json").json()
+    assert [row["event_id"] for row in listed["rows"]] == ["evt_c", "evt_b", "evt_a"]
+    for ident in ("evt_a", first.message_id, f"msg_{first.message_id}"):
+        found = client.get(f"/events?q={ident}&format=json").json()["rows"]
+        assert [row["event_id"] for row in found] == ["evt_a"], ident
+    assert [r["event_id"] for r in client.get("/events?merchant=m-2&format=json").json()["rows"]] == ["evt_c"]
+    assert client.get("/events?state=delivered&format=json").json()["rows"] == []
+    assert len(client.get("/events?state=pending&format=json").json()["rows"]) == 3
+    # And the event's page shows its webhook pending, its buyer masked, and a Resend button
+    page = client.get("/events/evt_a")
+    assert 'id="webhook-state"' in page.text and "badge--pending" in page.text and "Resend webhook" in page.text
+    assert BUYER not in page.text and "T0KEN" not in page.text
+    assert client.get("/events/evt_a?format=json").json()["event"]["merchant_id"] == "m-1"
+    assert client.get("/events/nope").status == 404 and client.get("/events/nope?format=json").status == 404
+
+
+def test_resend_puts_the_webhook_in_the_replay_lane_with_its_next_delivery(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    from whiskypay.console import data
+
+    if data.ledger() is None:
+        pytest.skip("the delivery ledger is not installed here")
+    message = send_payment("evt_r", "m-1")
+    # When the operator presses Resend on the event's page
+    answer = client.post("/events/evt_r/resend", {"csrf_token": client.token("/events/evt_r"), "merchant": "m-1",
+                                                  "back": "/events/evt_r?merchant=m-1"})  # fmt: skip
+    # Then it is queued in the replay lane with the same message id and delivery 2, and the page says so
+    assert answer.status == 303 and answer.headers["Location"].startswith("/events/evt_r?merchant=m-1&notice=Resent")
+    [raw] = redis_client.hvals(keys.replay_lane_messages(NAMESPACE, "callbackQueue"))
+    resent = json.loads(raw)
+    assert resent["message_id"] == message.message_id and resent["options"]["ledger_delivery"] == 2

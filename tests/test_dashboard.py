@@ -319,7 +319,8 @@ def test_a_failed_message_can_be_deleted(
     letter = dead_letter_one(redis_client, receiver, send_callback.send)
     page = session.get(f"{dashboard_url}/dramatiq/queues/callbackQueue/failed/{redis_id(letter)}")
     # When a request without the CSRF token tries to delete it, then it is refused
-    forged = session.post(f"{dashboard_url}/dramatiq/delete-message", data={"queue": "callbackQueue.XQ", "id": redis_id(letter)})
+    forged = session.post(f"{dashboard_url}/dramatiq/delete-message",
+                          data={"queue": "callbackQueue.XQ", "id": redis_id(letter)})
     assert forged.status_code == 403
     assert len(dead_letters(redis_client, "callbackQueue")) == 1
     # When the operator deletes it with the page's form

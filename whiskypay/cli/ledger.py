@@ -233,10 +233,47 @@ def resend_message(payment: Payment, *, now_ms: int) -> dict[str, Any] | None:
             "message_timestamp": now_ms}
 
 
+def queue_resend(pipe: Any, writer: LedgerWriter, config: LedgerConfig, message: dict[str, Any], *, queue: str,
+                 order: int, now_ms: int) -> None:  # fmt: skip
+    """Queue on pipe the writes that resend message (`resend_message`): into queue's replay lane, ledger pending."""
+    from whiskypay.replay import add_to_lane, replayed
+
+    ready = replayed(message, queue=queue)
+    data = encode_message(ready)
+    add_to_lane(pipe, config.namespace, queue, ready, data, order)
+    op = pending_op(config, MessageView(ready), now_ms=now_ms, replay=True)
+    if op is not None:
+        writer.queue(pipe, op, data=data)
+
+
+def resend_payment(client: redis.Redis, namespace: str, payment: Payment) -> str:
+    """Resend one payment's webhook like `whiskypay resend` (the paced replay lane); return what happened, as text.
+
+    The dashboard's Resend button calls it.
+    """
+    from whiskypay.replay import lane_order
+
+    now_ms = int(time.time() * 1000)
+    message = resend_message(payment, now_ms=now_ms)
+    if message is None:
+        reason = ("its buyer's address was erased (whiskypay forget)" if payment.stored_message == ERASED
+                  else "no webhook of it is recorded")  # fmt: skip
+        return f"Cannot resend {payment.label}: {reason}."
+    queue = message["queue_name"]
+    pipe = client.pipeline(transaction=False)
+    queue_resend(pipe, LedgerWriter(client), ledger_config(namespace), message, queue=queue,
+                 order=lane_order(now_ms, 0), now_ms=now_ms)  # fmt: skip
+    for reply in pipe.execute(raise_on_error=False):
+        if isinstance(reply, Exception):
+            raise reply
+    return (f"Resent {payment.label} (webhook-id {message['options']['webhook_id']}, delivery "
+            f"{message['options'][DELIVERY_OPTION]}) into the {queue} replay lane.")
+
+
 @_reports_errors
 def resend_command(args: argparse.Namespace) -> int:
     """Send payments' webhooks again through the paced replay lane; print when each goes out."""
-    from whiskypay.replay import add_to_lane, lane_order, replayed
+    from whiskypay.replay import lane_order
 
     client, namespace = _connect()
     config = ledger_config(namespace)
@@ -274,12 +311,8 @@ def resend_command(args: argparse.Namespace) -> int:
         for queue, items in by_queue.items():
             pipe = client.pipeline(transaction=False)
             for index, (payment, message) in enumerate(items):
-                ready = replayed(message, queue=queue)
-                data = encode_message(ready)
-                add_to_lane(pipe, namespace, queue, ready, data, lane_order(now_ms, index))
-                op = pending_op(config, MessageView(ready), now_ms=now_ms, replay=True)
-                if op is not None:
-                    writer.queue(pipe, op, data=data)
+                queue_resend(pipe, writer, config, message, queue=queue, order=lane_order(now_ms, index),
+                             now_ms=now_ms)  # fmt: skip
                 print(f"resent {payment.label} (webhook-id {message['options']['webhook_id']}, delivery "
                       f"{message['options'][DELIVERY_OPTION]}) into the {queue} replay lane")
             replies = pipe.execute(raise_on_error=False)

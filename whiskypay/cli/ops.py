@@ -336,16 +336,11 @@ def retry_command(args: argparse.Namespace) -> int:
                     found |= matches
                 if args.since is not None and letter.failed_at_ms < args.since:
                     continue
-                if letter.message is None:
-                    result = "unreadable"
-                elif letter.erased:
-                    result = "erased"
-                elif args.dry_run:
+                if args.dry_run and letter.message is not None and not letter.erased:
                     result = "would re-drive"
                 else:
-                    result, message = redrive_paced(client, namespace, letter, order=lane_order(now_ms, len(rows)))
-                    if result == "re-driven":
-                        _record_redrive(writer, config, message, now_ms)
+                    result = redrive_one(client, namespace, letter, writer=writer, config=config,
+                                         order=lane_order(now_ms, len(rows)), now_ms=now_ms)  # fmt: skip
                 counts[result] = counts.get(result, 0) + 1
                 rows.append((RESULT_TEXT.get(result, result), letter.message_id, letter.actor, letter.attempts,
                              letter.options.get("webhook_id")))
@@ -368,6 +363,25 @@ def retry_command(args: argparse.Namespace) -> int:
     if counts.get("erased"):
         print(f"Skipped {counts['erased']} dead letter(s) whose address `whiskypay forget` erased; they cannot run.")
     return 1 if missing_ids or counts.get("unreadable") or counts.get("changed") else 0
+
+
+def redrive_one(client: redis.Redis, namespace: str, letter: DeadLetter, *, writer: Any, config: Any, order: int,
+                now_ms: int) -> str:  # fmt: skip
+    """Re-drive one dead letter as `whiskypay retry` does: through the paced replay lane (atomic), entered in the
+    ledger; return "re-driven", "gone", "changed", "unreadable" or "erased" (the dashboard's buttons call it too).
+
+    Parameters:
+      writer, config: the ledger's LedgerWriter and LedgerConfig.
+      order: its place in the lane (`whiskypay.replay.lane_order`).
+    """
+    if letter.message is None:
+        return "unreadable"
+    if letter.erased:
+        return "erased"
+    result, message = redrive_paced(client, namespace, letter, order=order)
+    if result == "re-driven":
+        _record_redrive(writer, config, message, now_ms)
+    return result
 
 
 def _record_redrive(writer: Any, config: Any, message: dict[str, Any], now_ms: int) -> None:

@@ -237,6 +237,8 @@ class Console:
                                                    "letters": letters, "ledger": False, "others": []},
                              {"event": None, "dead_letters": letters})  # fmt: skip
         if not found:
+            if query.get("format") == "json":
+                return Response("null", status="404 Not Found", content_type="application/json")
             return self.page("error.html", {"error": f"No payment, webhook-id or message id {ident!r} in the ledger."},
                              status="404 Not Found")  # fmt: skip
         payment = found[0]

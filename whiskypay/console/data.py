@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import importlib
 import time
-import uuid
 from collections.abc import Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from whiskypay import keys
 from whiskypay.breakers import BreakerStore
-from whiskypay.cli.ops import parked_by_queue
+from whiskypay.cli.ops import parked_by_queue, redrive_one
 from whiskypay.dead_letters import (
     DeadLetter,
     dead_letter_count,
     decode_dead_letter,
     delete_dead_letter,
     iter_dead_letters,
-    redrive,
 )
 from whiskypay.queue_stats import queue_counts
 
@@ -300,34 +298,51 @@ def _letter(client: redis.Redis, namespace: str, ref: str) -> DeadLetter | None:
     return decode_dead_letter(queue, redis_id, raw, int(score))
 
 
-def redrive_refs(client: redis.Redis, namespace: str, refs: Iterable[str], queues: Iterable[str]) -> dict[str, int]:
-    """Re-drive the dead letters refs name ("queue:redis_id"), each atomically (`whiskypay.dead_letters.redrive`).
+class _Redrive:
+    """Re-drives dead letters one by one exactly as `whiskypay retry` does (`whiskypay.cli.ops.redrive_one`: the paced
+    replay lane, atomically, entered in the ledger), counting how each ended."""
 
-    Returns how many ended each way: re-driven, gone, changed, unreadable.
-    """
-    allowed = set(queues)
-    counts: dict[str, int] = {}
-    for ref in refs:
-        letter = _letter(client, namespace, ref) if ref.partition(":")[0] in allowed else None
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        from whiskypay.cli.ledger import ledger_config
+        from whiskypay.ledger import LedgerWriter
+
+        self.client, self.namespace = client, namespace
+        self.config, self.writer = ledger_config(namespace), LedgerWriter(client)
+        self.now_ms = int(time.time() * 1000)
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, letter: DeadLetter | None) -> None:
+        from whiskypay.replay import lane_order
+
         if letter is None:
             result = "gone"
-        elif letter.message is None:
-            result = "unreadable"
         else:
-            result = redrive(client, namespace, letter, new_id=str(uuid.uuid4()))
-        counts[result] = counts.get(result, 0) + 1
-    return counts
+            order = lane_order(self.now_ms, sum(self.counts.values()))
+            result = redrive_one(self.client, self.namespace, letter, writer=self.writer, config=self.config,
+                                 order=order, now_ms=self.now_ms)  # fmt: skip
+        self.counts[result] = self.counts.get(result, 0) + 1
+
+
+def redrive_refs(client: redis.Redis, namespace: str, refs: Iterable[str], queues: Iterable[str]) -> dict[str, int]:
+    """Re-drive the dead letters refs name ("queue:redis_id") like `whiskypay retry --id`.
+
+    Returns how many ended each way: re-driven, gone, changed, unreadable, erased.
+    """
+    allowed = set(queues)
+    redrive = _Redrive(client, namespace)
+    for ref in refs:
+        redrive(_letter(client, namespace, ref) if ref.partition(":")[0] in allowed else None)
+    return redrive.counts
 
 
 def redrive_all(client: redis.Redis, namespace: str, queue: str, *, merchant: str = "") -> dict[str, int]:
     """Re-drive every dead letter of queue (of merchant, when given), oldest first, like `whiskypay retry --all`."""
-    counts: dict[str, int] = {}
+    redrive = _Redrive(client, namespace)
     for letter in iter_dead_letters(client, namespace, queue, newest_first=False):
         if merchant and letter.merchant_id != merchant and letter.callback_host != merchant:
             continue
-        result = "unreadable" if letter.message is None else redrive(client, namespace, letter)
-        counts[result] = counts.get(result, 0) + 1
-    return counts
+        redrive(letter)
+    return redrive.counts
 
 
 def delete_refs(client: redis.Redis, namespace: str, refs: Iterable[str], queues: Iterable[str]) -> dict[str, int]:
