@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import html
 import json
 import os
@@ -41,9 +42,9 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
-#: Where the browser test leaves a copy of its last screenshot, for the docs.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DOCS_SCREENSHOT = REPO_ROOT / "docs" / "dashboard.png"
+#: Where the browser test leaves a copy of each page's screenshot, for the docs (WHISKYPAY_UPDATE_SCREENSHOTS=1).
+DOCS = REPO_ROOT / "docs"
 
 
 def basic(username: str, password: str) -> str:
@@ -643,8 +644,25 @@ def chromium() -> str:
     return CHROMIUM
 
 
+def screenshot(page: Any, tmp_path: Path, name: str) -> None:
+    """Save the page's screenshot as tmp_path/console-<name>.png; copied to docs/ when WHISKYPAY_UPDATE_SCREENSHOTS."""
+    path = tmp_path / f"console-{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("WHISKYPAY_UPDATE_SCREENSHOTS"):  # refresh docs/console-*.png only when asked
+        shutil.copyfile(path, DOCS / path.name)
+
+
+def new_browser_page(browser: Any, *, logged_in: bool = True) -> Any:
+    """A page of a fresh browser context (with the dashboard's credentials, unless logged_in is False)."""
+    credentials = {"http_credentials": {"username": USER, "password": PASSWORD}} if logged_in else {}
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, **credentials)
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    return page
+
+
 @pytest.mark.e2e
-def test_an_operator_requeues_a_failed_callback_in_a_real_browser(
+def test_an_operator_re_drives_a_down_merchants_payment_in_a_real_browser(
     chromium: str,
     redis_client: redis.Redis,
     receiver: HttpReceiver,
@@ -655,53 +673,139 @@ def test_an_operator_requeues_a_failed_callback_in_a_real_browser(
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    from actors import send_callback, send_email
+    from actors import send_callback
+    from whiskypay import keys
+    from whiskypay.ledger import load_payments, resolve
 
-    # Given a dead-lettered callback, a delayed email, a running worker and the real dashboard
+    def webhook_state() -> str | None:
+        found = load_payments(redis_client, NAMESPACE, resolve(redis_client, NAMESPACE, "evt_down_1", "m-down"))
+        return found[0].webhook_state if found else None
+
+    # Given a merchant that is down (503) and a worker that dead-letters a callback after one attempt (its breaker,
+    # tripping after WHISKYPAY_BREAKER_FAILURES=10 failures, stays closed)
     start_workers("--queues", "callbackQueue", env=env)
-    letter = dead_letter_one(redis_client, receiver, send_callback.send)
-    send_email.send_with_options(
-        kwargs={"buyer_email": BUYER, "merchant_email": "owner@merchant.example", "plan": "pro", "saas_name": "Acme"},
-        delay=600_000,
-    )
+    receiver.respond("/hook", Response(status=503))
+    message = send_callback.send(callback_url=receiver.url("/hook"), email=BUYER, plan="pro", price=19.99,
+                                 event_id="evt_down_1", merchant_id="m-down")  # fmt: skip
+    wait_until(lambda: dead_letters(redis_client, "callbackQueue"), what="the dead letter")
+    counters = keys.merchant_outcome_counters(NAMESPACE, "callbackQueue")
+    wait_until(lambda: redis_client.hget(counters, "failed:m-down") == b"1", what="the merchant's failure counted")
+    wait_until(lambda: webhook_state() == "failed", what="the ledger's failed webhook")
     process = start_dashboard(dashboard_env(env))
-    receiver.respond("/hook", Response(status=200))
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, timeout=30_000)
         try:
-            context = browser.new_context(http_credentials={"username": USER, "password": PASSWORD},
-                                          viewport={"width": 1100, "height": 640})  # fmt: skip
-            page = context.new_page()
-            page.set_default_timeout(10_000)
-            # When the operator logs in, then both queues are listed with their counts
+            page = new_browser_page(browser)
+            # When the operator opens the overview, then the callback queue shows one dead letter
             page.goto(process.url + "/")
-            callbacks = page.locator("tr", has=page.locator("a", has_text="callbackQueue"))
-            emails = page.locator("tr", has=page.locator("a", has_text="emailQueue"))
-            expect(callbacks.locator("td")).to_have_text([re.compile("callbackQueue"), "0", "0", "1"])
-            expect(emails.locator("td")).to_have_text([re.compile("emailQueue"), "0", "1", "0"])
-            # When they open the failed message, then its error shows
-            page.click("text=callbackQueue")
-            failed_tab = page.locator(".tabs__tab a", has_text="Failed")
-            expect(failed_tab).to_have_text(re.compile(r"Failed\s*\(\s*1\s*\)"))
-            failed_tab.click()
-            page.click(f"a[href$='/{redis_id(letter)}']")
-            expect(page.locator("body")).to_contain_text(letter["options"]["traceback"])
-            expect(page.locator("body")).to_contain_text("b***@example.com")
-            # When they go back to the failed tab and click the message's Requeue button
-            page.go_back()
-            page.locator("tr", has=page.locator(f"a[href$='/{redis_id(letter)}']")).get_by_role(
-                "button", name=re.compile("requeue", re.IGNORECASE)
-            ).click()
-            page.wait_for_load_state()
-            # Then the worker delivers it with the same webhook-id, and the dashboard shows no failure left
-            delivered = receiver.wait_for(2, path="/hook")[1]
-            assert delivered.headers["webhook-id"] == f"msg_{letter['message_id']}"
-            assert dead_letters(redis_client, "callbackQueue") == []
-            page.goto(process.url + "/")
-            expect(callbacks.locator("td")).to_have_text([re.compile("callbackQueue"), "0", "0", "0"])
+            row = page.locator("#queues tr[data-queue='callbackQueue'] td")
+            expect(row.nth(4)).to_have_text("1")
+            screenshot(page, tmp_path, "overview")
+            # When they open Merchants, then m-down shows its failure rate, and its page its dead letter
+            page.get_by_role("link", name="Merchants", exact=True).click()
+            merchant = page.locator("#merchants tr[data-merchant='m-down']")
+            expect(merchant).to_contain_text("100.0 %")
+            expect(merchant).to_contain_text("closed")
+            screenshot(page, tmp_path, "merchants")
+            merchant.get_by_role("link", name="m-down").click()
+            expect(page.locator("h1")).to_have_text("m-down")
+            expect(page.locator("form.letters")).to_contain_text("HTTP 503")
+            screenshot(page, tmp_path, "merchant")
+            # When they open the payment from its recent payments, then its failed attempt shows with its status
+            page.get_by_role("link", name="evt_down_1").first.click()
+            expect(page.locator("#webhook-state")).to_have_text("failed")
+            attempts = page.locator("#attempts li")
+            expect(attempts).to_have_count(1)
+            expect(attempts.first).to_contain_text("HTTP 503")
+            expect(attempts.first).to_contain_text("failed")
             assert BUYER not in page.content() and PASSWORD not in page.content()
-            page.screenshot(path=str(tmp_path / "dashboard.png"))
+            screenshot(page, tmp_path, "event-failed")
+            # When the merchant is back and the operator selects the dead letter and presses Re-drive selected
+            receiver.respond("/hook", Response(status=200))
+            page.locator("form.letters input[type=checkbox]").check()
+            page.get_by_role("button", name="Re-drive selected").click()
+            expect(page.locator(".notice")).to_contain_text("re-driven 1")
+            # Then the worker delivers it with the same webhook-id, and the page then shows it delivered
+            delivered = receiver.wait_for(2, path="/hook")[1]
+            assert delivered.headers["webhook-id"] == "evt_down_1"
+            assert delivered.json()["email"] == BUYER
+            wait_until(lambda: webhook_state() == "delivered", what="the ledger's delivered webhook")
+            page.reload()
+            expect(page.locator("#webhook-state")).to_have_text("delivered")
+            expect(attempts).to_have_count(2)
+            expect(attempts.nth(1)).to_contain_text("delivery 2, attempt 1")
+            expect(attempts.nth(1)).to_contain_text("HTTP 200")
+            screenshot(page, tmp_path, "event-delivered")
+            assert dead_letters(redis_client, "callbackQueue") == []
+            # And the other pages answer: events search, dead letters, the mounted dramatiq-dashboard
+            page.goto(process.url + "/events?merchant=m-down")
+            expect(page.locator("table.grid")).to_contain_text("evt_down_1")
+            screenshot(page, tmp_path, "events")
+            put_dead_letter(redis_client)
+            page.goto(process.url + "/dead-letters")
+            expect(page.locator("form.letters")).to_contain_text("b***@example.com")
+            screenshot(page, tmp_path, "dead-letters")
+            page.goto(process.url + "/dramatiq/")
+            expect(page.locator("body")).to_contain_text("callbackQueue")
+            screenshot(page, tmp_path, "dramatiq")
+            assert message.message_id
         finally:
             browser.close()
-    if os.environ.get("WHISKYPAY_UPDATE_SCREENSHOTS"):  # refresh docs/dashboard.png only when asked
-        shutil.copyfile(tmp_path / "dashboard.png", DOCS_SCREENSHOT)
+
+
+@pytest.mark.e2e
+def test_every_route_answers_401_without_credentials_and_a_post_without_the_csrf_token_is_refused_in_a_browser(
+    chromium: str,
+    redis_client: redis.Redis,
+    start_dashboard: Callable[..., DashboardProcess],
+    env: dict[str, str],
+) -> None:
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import expect, sync_playwright
+
+    # Given the real dashboard and one dead letter
+    _, dead_id = put_dead_letter(redis_client)
+    process = start_dashboard(dashboard_env(env))
+    gets = ["/", "/merchants", "/merchants/m-1", "/events", "/events/evt_1", "/dead-letters", "/?format=json",
+            "/static/console.css", "/dramatiq/", "/dramatiq/queues/callbackQueue/failed"]
+    posts = ["/dead-letters/redrive", "/dead-letters/redrive-all", "/dead-letters/delete", "/events/evt_1/resend",
+             "/dramatiq/requeue-message", "/dramatiq/delete-message"]
+    post_js = "path => fetch(path, {method: 'POST', body: new URLSearchParams({refs: 'callbackQueue:x'})})" \
+              ".then(r => r.status)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, timeout=30_000)
+        try:
+            # When a browser without credentials opens every page and posts to every action, then each answers 401
+            # (Chromium ends such a navigation with ERR_INVALID_AUTH_CREDENTIALS; the response is still seen)
+            anonymous = new_browser_page(browser, logged_in=False)
+
+            def status_of(page: Any, url: str, action: Callable[[], Any]) -> int:
+                with page.expect_response(lambda response: response.url == url) as seen:
+                    with contextlib.suppress(PlaywrightError):
+                        action()
+                return int(seen.value.status)
+
+            for path in gets:
+                url = process.url + path
+                assert status_of(anonymous, url, lambda url=url: anonymous.goto(url)) == 401, path
+            for path in posts:  # a form on another page posting to the action, as a forged request would
+                forger = anonymous.context.new_page()
+                forger.set_content(f'<form method="post" action="{process.url}{path}">'
+                                   '<input name="refs" value="callbackQueue:x"></form>')  # fmt: skip
+                submit = functools.partial(forger.evaluate, "document.forms[0].submit()")
+                assert status_of(forger, process.url + path, submit) == 401, path
+                forger.close()
+            assert queue_state(redis_client) == (0, 0, 1)
+            # When a logged-in operator's form loses its CSRF token before Re-drive selected is pressed
+            page = new_browser_page(browser)
+            page.goto(process.url + "/dead-letters")
+            page.locator("form.letters input[type=checkbox]").check()
+            page.evaluate("document.querySelectorAll('input[name=csrf_token]').forEach(e => e.remove())")
+            page.get_by_role("button", name="Re-drive selected").click()
+            # Then the POST is refused and the dead letter stays
+            expect(page.locator("body")).to_contain_text("lacks the page's CSRF token")
+            assert [page.evaluate(post_js, path) for path in posts] == [403] * len(posts)
+            assert queue_state(redis_client) == (0, 0, 1)
+            assert redis_client.zscore(f"{NAMESPACE}:callbackQueue.XQ", dead_id) is not None
+        finally:
+            browser.close()
