@@ -244,22 +244,31 @@ def dead_letter_count(client: redis.Redis, namespace: str, queue: str) -> int:
 
 
 def iter_dead_letters(
-    client: redis.Redis, namespace: str, queue: str, *, newest_first: bool = True, limit: int | None = None
+    client: redis.Redis,
+    namespace: str,
+    queue: str,
+    *,
+    newest_first: bool = True,
+    limit: int | None = None,
+    start: int = 0,
+    needle: bytes | None = None,
 ) -> Iterator[DeadLetter]:
     """Yield queue's dead letters in the order they were dead-lettered, reading BATCH_SIZE per round trip.
 
     Parameters:
       newest_first: Newest first (for reading) or oldest first (for re-driving in the original order).
-      limit: The most to yield; None for all.
+      limit: The most to read; None for all.
+      start: How many to skip first (a page's offset): read by rank, not by reading the ones before.
+      needle: Only decode (and yield) those whose stored bytes contain it (a cheap prefilter for a filter).
     """
-    end = -1 if limit is None else limit - 1
+    end = -1 if limit is None else start + limit - 1
     xq, xq_msgs = keys.dead_letters(namespace, queue), keys.dead_letter_messages(namespace, queue)
-    ids = cast(list[tuple[bytes, float]], client.zrange(xq, 0, end, desc=newest_first, withscores=True))
+    ids = cast(list[tuple[bytes, float]], client.zrange(xq, start, end, desc=newest_first, withscores=True))
     for start in range(0, len(ids), BATCH_SIZE):
         batch = ids[start : start + BATCH_SIZE]
         raws = cast(list[bytes | None], client.hmget(xq_msgs, [redis_id for redis_id, _ in batch]))
         for (redis_id, score), raw in zip(batch, raws, strict=True):
-            if raw is not None:  # re-driven or expired since the ZRANGE
+            if raw is not None and (needle is None or needle in raw):  # None: re-driven or expired since the ZRANGE
                 yield decode_dead_letter(queue, keys.text(redis_id), raw, int(score))
 
 

@@ -20,6 +20,7 @@ from whiskypay.dead_letters import encode_message, iter_dead_letters
 from whiskypay.ledger import (
     DELIVERY_OPTION,
     ERASED,
+    LEDGER_LUA,
     STATES,
     LedgerConfig,
     LedgerWriter,
@@ -260,6 +261,7 @@ def resend_payment(client: redis.Redis, namespace: str, payment: Payment) -> str
                   else "no webhook of it is recorded")  # fmt: skip
         return f"Cannot resend {payment.label}: {reason}."
     queue = message["queue_name"]
+    client.script_load(LEDGER_LUA)  # the pipeline's EVALSHA must find it (a restarted Redis has no scripts)
     pipe = client.pipeline(transaction=False)
     queue_resend(pipe, LedgerWriter(client), ledger_config(namespace), message, queue=queue,
                  order=lane_order(now_ms, 0), now_ms=now_ms)  # fmt: skip

@@ -221,22 +221,27 @@ def events(client: redis.Redis, namespace: str, *, query: str = "", merchant: st
     index = module.time_index_key(namespace)
     if not merchant and not state:
         pids = [_text(pid) for pid in client.zrevrange(index, cursor, cursor + PAGE_SIZE - 1)]
-        rows = [payment_row(p) for p in module.load_payments(client, namespace, pids)]
+        page = [payment_row(p) for p in module.load_payments(client, namespace, pids)]
         more = len(pids) == PAGE_SIZE
-        return {"available": True, "rows": rows, "next": cursor + PAGE_SIZE if more else None, "scanned": len(pids)}
-    rows, position, batch = [], cursor, 200
-    while len(rows) < PAGE_SIZE and position - cursor < SCAN_LIMIT:
+        return {"available": True, "rows": page, "next": cursor + PAGE_SIZE if more else None, "scanned": len(pids)}
+    rows: list[dict[str, Any]] = []
+    position, batch = cursor, 500
+    while position - cursor < SCAN_LIMIT:
         pids = [_text(pid) for pid in client.zrevrange(index, position, position + batch - 1)]
         if not pids:
             return {"available": True, "rows": rows, "next": None, "scanned": position - cursor}
-        for offset, payment in enumerate(module.load_payments(client, namespace, pids)):
-            if merchant and payment.merchant_id != merchant:
+        # First only the payments' hashes (ids and states), then the whole of those that match.
+        pipe = client.pipeline(transaction=False)
+        for pid in pids:
+            pipe.hgetall(module.payment_key(namespace, pid))
+        heads = [module.Payment(pid, {_text(k): _text(v) for k, v in fields.items()})
+                 for pid, fields in zip(pids, pipe.execute(), strict=True) if fields]  # fmt: skip
+        for offset, head in enumerate(heads):
+            if (merchant and head.merchant_id != merchant) or (state and state not in head.states()):
                 continue
-            if state and state not in payment.states():
-                continue
-            rows.append(payment_row(payment))
+            rows.extend(payment_row(p) for p in module.load_payments(client, namespace, [head.pid]))
             if len(rows) >= PAGE_SIZE:
-                position += pids.index(payment.pid) + 1 if payment.pid in pids else offset + 1
+                position += pids.index(head.pid) + 1 if head.pid in pids else offset + 1
                 return {"available": True, "rows": rows, "next": position, "scanned": position - cursor}
         position += len(pids)
     return {"available": True, "rows": rows, "next": position, "scanned": position - cursor}
@@ -265,28 +270,27 @@ def dead_letters(client: redis.Redis, namespace: str, queues: Iterable[str], *, 
                  message_id: str = "", cursor: int = 0) -> dict[str, Any]:  # fmt: skip
     """Return one page of dead letters, newest first, with the total of each queue.
 
-    Without a filter it is a ZRANGE of PAGE_SIZE per queue shown; with merchant or message_id it looks at the
-    newest SCAN_LIMIT dead letters of each queue at most (`scanned` says how many), from cursor on.
+    Each queue shown is read by rank from cursor: PAGE_SIZE of them, or, with merchant or message_id, the next
+    SCAN_LIMIT (only those whose stored bytes hold the value are decoded); `scanned` says how many were looked at.
     """
     shown = [queue] if queue else sorted(queues)
     totals = {name: dead_letter_count(client, namespace, name) for name in shown}
+    filtered = bool(merchant or message_id)
+    window = SCAN_LIMIT if filtered else PAGE_SIZE
+    needle = (merchant or message_id).encode() if filtered else None
     rows: list[dict[str, Any]] = []
-    limit = cursor + (SCAN_LIMIT if merchant or message_id else PAGE_SIZE)
-    scanned = 0
     for name in shown:
-        for index, letter in enumerate(iter_dead_letters(client, namespace, name, limit=limit)):
-            if index < cursor:
-                continue
-            scanned += 1
-            if merchant and letter.merchant_id != merchant and letter.callback_host != merchant:
+        for letter in iter_dead_letters(client, namespace, name, limit=window, start=cursor, needle=needle):
+            if merchant and merchant not in (letter.merchant_id, letter.callback_host):
                 continue
             if message_id and message_id not in (letter.message_id, letter.redis_id):
                 continue
             rows.append(letter_row(letter))
     rows.sort(key=lambda row: row["failed_at_ms"], reverse=True)
-    more = any(totals[name] > limit for name in shown)
-    return {"rows": rows[: PAGE_SIZE if not (merchant or message_id) else SCAN_LIMIT], "totals": totals,
-            "next": limit if more else None, "scanned": scanned, "filtered": bool(merchant or message_id)}  # fmt: skip
+    scanned = sum(max(0, min(total - cursor, window)) for total in totals.values())
+    more = any(total > cursor + window for total in totals.values())
+    return {"rows": rows, "totals": totals, "next": cursor + window if more else None, "scanned": scanned,
+            "filtered": filtered}  # fmt: skip
 
 
 def _letter(client: redis.Redis, namespace: str, ref: str) -> DeadLetter | None:
@@ -358,5 +362,6 @@ def delete_refs(client: redis.Redis, namespace: str, refs: Iterable[str], queues
 
 def letters_of_message(client: redis.Redis, namespace: str, queue: str, message_id: str) -> list[DeadLetter]:
     """Return queue's dead letters of message_id among its newest SCAN_LIMIT (for an event page's Re-drive)."""
-    return [letter for letter in iter_dead_letters(client, namespace, queue, limit=SCAN_LIMIT)
+    return [letter for letter in iter_dead_letters(client, namespace, queue, limit=SCAN_LIMIT,
+                                                   needle=message_id.encode())
             if letter.message_id == message_id]  # fmt: skip
