@@ -699,7 +699,7 @@ def test_an_operator_re_drives_a_down_merchants_payment_in_a_real_browser(
             # When the operator opens the overview, then the callback queue shows one dead letter
             page.goto(process.url + "/")
             row = page.locator("#queues tr[data-queue='callbackQueue'] td")
-            expect(row.nth(4)).to_have_text("1")
+            expect(row.nth(5)).to_have_text("1")
             screenshot(page, tmp_path, "overview")
             # When they open Merchants, then m-down shows its failure rate, and its page its dead letter
             page.get_by_role("link", name="Merchants", exact=True).click()

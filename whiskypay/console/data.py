@@ -28,6 +28,7 @@ from whiskypay.dead_letters import (
     iter_dead_letters,
 )
 from whiskypay.queue_stats import queue_counts
+from whiskypay.replay import lane_size
 
 if TYPE_CHECKING:
     import redis
@@ -37,6 +38,9 @@ PAGE_SIZE = 50
 
 #: The most index entries a filtered page looks at (newest first) before it stops and offers "older".
 SCAN_LIMIT = 2000
+
+#: How many of the newest payments and dead letters a merchant's page looks at (the full search is on /events).
+MERCHANT_SCAN = 500
 
 #: Minutes of the overview's delivered / failed chart.
 CHART_MINUTES = 60
@@ -127,6 +131,7 @@ def overview(
         rows.append({
             "queue": queue, "waiting": counts.waiting, "delayed": counts.delayed, "in_flight": counts.in_flight,
             "parked": parked.get(queue, 0), "dead_lettered": counts.dead_letters,
+            "replays_waiting": lane_size(client, namespace, queue),
             "oldest_wait_ms": counts.oldest_wait_ms, "completed": int(completed or 0), "failed": int(failed or 0),
         })  # fmt: skip
     return {"queues": rows, "chart": minute_chart(client, namespace, queues, now_s=now_s),
@@ -203,11 +208,11 @@ def payment_row(payment: Any) -> dict[str, Any]:
 
 
 def events(client: redis.Redis, namespace: str, *, query: str = "", merchant: str = "", state: str = "",
-           cursor: int = 0) -> dict[str, Any]:  # fmt: skip
+           cursor: int = 0, scan: int = SCAN_LIMIT) -> dict[str, Any]:  # fmt: skip
     """Return one page of payments newest first, or those an id names; None-free dict with `next` (a cursor).
 
     query: an event id, webhook-id or message id (the ledger's indexes: no scan). merchant / state filter the
-    time index newest first, looking at SCAN_LIMIT entries at most per page; `next` continues after them.
+    time index newest first, looking at `scan` entries at most per page; `next` continues after them.
     """
     module = ledger()
     if module is None:
@@ -226,8 +231,8 @@ def events(client: redis.Redis, namespace: str, *, query: str = "", merchant: st
         return {"available": True, "rows": page, "next": cursor + PAGE_SIZE if more else None, "scanned": len(pids)}
     rows: list[dict[str, Any]] = []
     position, batch = cursor, 500
-    while position - cursor < SCAN_LIMIT:
-        pids = [_text(pid) for pid in client.zrevrange(index, position, position + batch - 1)]
+    while position - cursor < scan:
+        pids = [_text(pid) for pid in client.zrevrange(index, position, position + min(batch, scan) - 1)]
         if not pids:
             return {"available": True, "rows": rows, "next": None, "scanned": position - cursor}
         # First only the payments' hashes (ids and states), then the whole of those that match.
@@ -267,16 +272,16 @@ def letter_row(letter: DeadLetter) -> dict[str, Any]:
 
 
 def dead_letters(client: redis.Redis, namespace: str, queues: Iterable[str], *, queue: str = "", merchant: str = "",
-                 message_id: str = "", cursor: int = 0) -> dict[str, Any]:  # fmt: skip
+                 message_id: str = "", cursor: int = 0, scan: int = SCAN_LIMIT) -> dict[str, Any]:  # fmt: skip
     """Return one page of dead letters, newest first, with the total of each queue.
 
     Each queue shown is read by rank from cursor: PAGE_SIZE of them, or, with merchant or message_id, the next
-    SCAN_LIMIT (only those whose stored bytes hold the value are decoded); `scanned` says how many were looked at.
+    `scan` (only those whose stored bytes hold the value are decoded); `scanned` says how many were looked at.
     """
     shown = [queue] if queue else sorted(queues)
     totals = {name: dead_letter_count(client, namespace, name) for name in shown}
     filtered = bool(merchant or message_id)
-    window = SCAN_LIMIT if filtered else PAGE_SIZE
+    window = scan if filtered else PAGE_SIZE
     needle = (merchant or message_id).encode() if filtered else None
     rows: list[dict[str, Any]] = []
     for name in shown:
@@ -342,8 +347,9 @@ def redrive_refs(client: redis.Redis, namespace: str, refs: Iterable[str], queue
 def redrive_all(client: redis.Redis, namespace: str, queue: str, *, merchant: str = "") -> dict[str, int]:
     """Re-drive every dead letter of queue (of merchant, when given), oldest first, like `whiskypay retry --all`."""
     redrive = _Redrive(client, namespace)
-    for letter in iter_dead_letters(client, namespace, queue, newest_first=False):
-        if merchant and letter.merchant_id != merchant and letter.callback_host != merchant:
+    needle = merchant.encode() if merchant else None
+    for letter in iter_dead_letters(client, namespace, queue, newest_first=False, needle=needle):
+        if merchant and merchant not in (letter.merchant_id, letter.callback_host):
             continue
         redrive(letter)
     return redrive.counts
