@@ -208,10 +208,11 @@ def test_the_dead_letters_page_shows_each_reason_masked_and_filters_by_merchant(
     assert BUYER not in page.text and "b***@example.com" in page.text and "T0KEN" not in page.text
     # When filtered by merchant, then only that merchant's; the JSON twin has the same objects as `failed --json`
     filtered = client.get("/dead-letters?merchant=m-2&format=json").json()
-    assert [row["message_id"] for row in filtered["rows"]] == [other]
-    assert filtered["rows"][0]["merchant_id"] == "m-2" and filtered["totals"]["callbackQueue"] == 2
-    assert {"failed_at", "attempts", "last_error", "callback_host", "buyer", "webhook_id"} <= set(filtered["rows"][0])
-    assert filtered["rows"][0]["buyer"] == "b***@example.com" and filtered["rows"][0]["attempts"] == 3
+    [row] = filtered["dead_letters"]
+    assert row["message_id"] == other and row["merchant_id"] == "m-2" and filtered["totals"]["callbackQueue"] == 2
+    assert filtered["total"] == 2
+    assert {"failed_at", "attempts", "last_error", "callback_host", "buyer", "webhook_id"} <= set(row)
+    assert row["buyer"] == "b***@example.com" and row["attempts"] == 3
 
 
 def test_re_drive_selected_moves_each_once_and_a_second_click_finds_it_gone(
@@ -240,7 +241,7 @@ def test_re_drive_all_of_a_merchant_leaves_the_others(client: Client, redis_clie
                                                         "csrf_token": client.token(), "back": "/merchants/m-1"})
     assert answer.status == 303 and answer.headers["Location"].startswith("/merchants/m-1?notice=")
     assert queue_state(redis_client) == (2, 1)
-    left = client.get("/dead-letters?format=json").json()["rows"]
+    left = client.get("/dead-letters?format=json").json()["dead_letters"]
     assert [row["merchant_id"] for row in left] == ["m-2"]
 
 
@@ -313,6 +314,7 @@ def test_the_merchants_table_joins_counters_and_breakers_and_sorts(client: Clien
     assert [row["merchant"] for row in by_rate] == ["m-bad", "m-ok", "m-held"]
     assert by_rate[0]["failure_rate"] == 0.75 and by_rate[1]["deliveries"] == 10
     assert default[0]["merchant"] == "m-held" and default[0]["state"] == "open" and default[0]["held"]
+    assert default[0]["since"].endswith("Z")  # as `whiskypay merchants --json` gives it
     page = client.get("/merchants")
     assert "75.0 %" in page.text and 'href="/merchants/m-held"' in page.text
 

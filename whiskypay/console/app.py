@@ -259,8 +259,11 @@ class Console:
         merchant = query.get("merchant", "").strip()
         view = data.dead_letters(self.client, self.namespace, self.queues, queue=queue, merchant=merchant,
                                  cursor=cursor)  # fmt: skip
+        # The twin carries `whiskypay failed --json`'s keys (total, dead_letters) and the page's (totals, next...).
+        twin = {"total": sum(view["totals"].values()), "dead_letters": view["rows"],
+                **{key: value for key, value in view.items() if key != "rows"}}  # fmt: skip
         return self.twin(query, "dead_letters.html", {"view": view, "queue": queue, "merchant": merchant,
-                                                      "scan_limit": data.SCAN_LIMIT}, view)  # fmt: skip
+                                                      "scan_limit": data.SCAN_LIMIT}, twin)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------- actions
 

@@ -25,6 +25,7 @@ from whiskypay.dead_letters import (
     dead_letter_count,
     decode_dead_letter,
     delete_dead_letter,
+    iso_time,
     iter_dead_letters,
 )
 from whiskypay.queue_stats import queue_counts
@@ -162,7 +163,7 @@ def merchants(
 
     def entry(name: str) -> dict[str, Any]:
         return found.setdefault(name, {"merchant": name, "delivered": 0, "dead_lettered": 0, "state": "closed",
-                                       "failures": 0, "parked": 0, "last_error": None, "since": None,
+                                       "failures": 0, "parked": 0, "last_error": None, "since_ms": None,
                                        "held": False, "host": None})  # fmt: skip
 
     for queue in queues:
@@ -173,9 +174,10 @@ def merchants(
     for breaker in BreakerStore(client, namespace).snapshot().values():
         row = entry(breaker.merchant)
         row.update({"state": breaker.state, "failures": breaker.failures, "parked": breaker.parked,
-                    "last_error": breaker.last_error, "since": breaker.since_ms, "held": breaker.held,
+                    "last_error": breaker.last_error, "since_ms": breaker.since_ms, "held": breaker.held,
                     "host": breaker.host})  # fmt: skip
-    for row in found.values():
+    for row in found.values():  # the fields of `whiskypay merchants --json`, and the counters'
+        row["since"] = iso_time(row["since_ms"])
         total = row["delivered"] + row["dead_lettered"]
         row["deliveries"] = total
         row["failure_rate"] = round(row["dead_lettered"] / total, 4) if total else None
