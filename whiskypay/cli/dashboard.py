@@ -68,7 +68,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def register(commands: Any) -> None:
     """Add `dashboard` to the `whiskypay` command."""
-    p = commands.add_parser("dashboard", help="serve the operator console (and dramatiq-dashboard at /dramatiq/), behind HTTP basic auth")
+    p = commands.add_parser("dashboard", help="serve the operator console and /dramatiq/, behind HTTP basic auth")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
     p.set_defaults(handler=serve)
