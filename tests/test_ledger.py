@@ -282,6 +282,27 @@ def test_the_cap_drops_the_oldest_payments_with_every_key_that_points_at_them(re
     assert not [key for key in redis_client.keys("*") if b"pay_0" in key or b"pay_1" in key]
 
 
+def test_a_merchants_payments_are_indexed_newest_first_and_the_cap_drops_them_from_its_index(
+    redis_client: redis.Redis,
+) -> None:
+    # Given five payments of merchant acme (and one of acme:eu) and a cap of three payments
+    config = LedgerConfig(namespace=NAMESPACE, retention_s=3600, max_payments=3)
+    now = int(time.time() * 1000)
+    _enter(redis_client, config, _callback(event_id="pay_eu", merchant_id="acme:eu"), now)
+    for n in range(5):
+        _enter(redis_client, config, _callback(event_id=f"pay_{n}", merchant_id="acme"), now + 1 + n)
+        if n == 1:  # then the merchant index holds both, newest first, each once (an attempt adds nothing)
+            assert ledger.merchant_payments(redis_client, NAMESPACE, "acme") == [
+                ledger.payment_id(event_id=f"pay_{k}", merchant_id="acme", message_id="") for k in (1, 0)]
+    # Then the cap dropped the oldest three from the merchants' indexes too, and the rest are paged newest first
+    pids = ledger.merchant_payments(redis_client, NAMESPACE, "acme")
+    found = load_payments(redis_client, NAMESPACE, pids)
+    assert [p.event_id for p in found] == ["pay_4", "pay_3", "pay_2"]
+    assert ledger.merchant_payments(redis_client, NAMESPACE, "acme", start=1, num=1) == pids[1:2]
+    assert ledger.merchant_payments(redis_client, NAMESPACE, "acme:eu") == []
+    assert 0 < redis_client.pttl(ledger.merchant_index_key(NAMESPACE, "acme")) <= 3600_000
+
+
 def test_records_and_their_indexes_expire_after_the_retention(redis_client: redis.Redis) -> None:
     config = LedgerConfig(namespace=NAMESPACE, retention_s=1, max_payments=10)
     _enter(redis_client, config, _callback(event_id="pay_short"), now_ms=int(time.time() * 1000))

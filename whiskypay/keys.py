@@ -54,6 +54,8 @@ The delivery ledger (whiskypay/ledger.py), under L = ns:whiskypay.ledger: ; a pa
   L m:MSG         string: the payment id of message MSG's job (when it belongs to an event's payment)
   L wh:W          string: the payment id of webhook-id W (when W is neither E nor msg_<message id>)
   L addr:D        hash: the payment ids holding a buyer address whose sha256 (lower-cased, 128 bits hex) is D
+  L mer:M         zset: the payment ids of merchant_id M, score = first seen (unix ms): the dashboard's merchant
+                  pages and filters; entries older than the retention are dropped by each write to it
 
 The replay lane (whiskypay/replay.py):
 
@@ -270,6 +272,11 @@ def ledger_time_index(namespace: str) -> str:
 def ledger_event_index(namespace: str, event_id: str) -> str:
     """Return the set of payment ids (one per merchant) of event_id."""
     return f"{ledger_prefix(namespace)}ev:{event_id}"
+
+
+def ledger_merchant_index(namespace: str, merchant_id: str) -> str:
+    """Return the zset of merchant_id's payment ids by first-seen time (unix ms)."""
+    return f"{ledger_prefix(namespace)}mer:{merchant_id}"
 
 
 def ledger_message_index(namespace: str, message_id: str) -> str:

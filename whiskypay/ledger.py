@@ -12,6 +12,7 @@ and the indexes that find it without KEYS or SCAN:
 
   T             zset   every payment id, score = when it was first seen (unix ms): `events`, `reconcile`, the cap
   ev:<event>    hash   the payment ids of an event id (one field per merchant that used it)
+  mer:<merchant> zset  the payment ids of a merchant_id, score = first seen (the dashboard's merchant pages)
   m:<message>   string the payment id of a job's message id (only when the payment is an event's)
   wh:<webhook>  string the payment id of a webhook-id that is neither the event id nor `msg_<message id>`
   addr:<sha256> hash   the payment ids that hold a buyer's address (sha256 of it lower-cased), for `forget`
@@ -86,6 +87,7 @@ time_index_key = keys.ledger_time_index
 event_index_key = keys.ledger_event_index
 message_index_key = keys.ledger_message_index
 webhook_index_key = keys.ledger_webhook_index
+merchant_index_key = keys.ledger_merchant_index
 webhook_message_key = keys.ledger_webhook_message
 address_index_key = keys.ledger_address_index
 
@@ -99,7 +101,7 @@ address_index_key = keys.ledger_address_index
 #: that, present, says the job's pending record was written: then init, msg and index are skipped); msg
 #: (store ARGV[2], the encoded message, as the webhook's message unless one is stored); set (pairs set
 #: always); states ([field, state, delivery, force]); attempts (JSON rows). ARGV[3] (JSON, decoded only when
-#: needed): init (field, value pairs set only where absent) and index ([type "str"|"map", key, value, init
+#: needed): init (field, value pairs set only where absent) and index ([type "str"|"map"|"zset", key, value, init
 #: field it depends on or false]). A state write never goes back to an earlier delivery of the webhook,
 #: never moves `delivered`/`sent` back within one delivery, and writes `pending` only where there is no state
 #: yet, on a new delivery, or when forced (an email job re-driven). The cap deletes a payment with every
@@ -169,7 +171,14 @@ local function ledger_write(KEYS, ARGV)
     if not entered then
         for _, e in ipairs(op.index) do
             if (not e[4]) or fresh[e[4]] then
-                if e[1] == "str" then redis.call("set", e[2], e[3]) else redis.call("hset", e[2], e[3], "1") end
+                if e[1] == "str" then
+                    redis.call("set", e[2], e[3])
+                elseif e[1] == "zset" then  -- by first-seen time; members past the retention go as it grows
+                    redis.call("zadd", e[2], "NX", op.now, e[3])
+                    redis.call("zremrangebyscore", e[2], "-inf", op.now - ttl)
+                else
+                    redis.call("hset", e[2], e[3], "1")
+                end
                 keep(e[2])
             end
         end
@@ -183,8 +192,9 @@ local function ledger_write(KEYS, ARGV)
             for i = 1, #old, 2 do
                 local pid = old[i]
                 local pk = op.prefix .. "p:" .. pid
-                local f = redis.call("hmget", pk, "eid", "w.mid", "e.mid", "w.wid", "w.ad", "e.ad")
+                local f = redis.call("hmget", pk, "eid", "w.mid", "e.mid", "w.wid", "w.ad", "e.ad", "mer")
                 if f[1] then redis.call("hdel", op.prefix .. "ev:" .. f[1], pid) end
+                if f[7] then redis.call("zrem", op.prefix .. "mer:" .. f[7], pid) end
                 for _, name in ipairs({"m:" .. (f[2] or ""), "m:" .. (f[3] or ""), "wh:" .. (f[4] or "")}) do
                     local k = op.prefix .. name
                     if redis.call("get", k) == pid then redis.call("del", k) end
@@ -297,6 +307,7 @@ def _build(config: LedgerConfig, message: Message[Any] | Any, *, now_ms: int, fi
         index.append(["str", message_index_key(ns, message.message_id), pid, False])
     if merchant_id:
         init += ["mer", merchant_id]
+        index.append(["zset", merchant_index_key(ns, merchant_id), pid, False])
     if kind == "webhook":
         webhook_id = str(message.options.get("webhook_id") or event_id or f"msg_{message.message_id}")
         from whiskypay.redaction import url_host
@@ -836,6 +847,13 @@ def resolve(client: redis.Redis, namespace: str, ident: str, merchant: str | Non
     if standalone and f"m:{message_id}" not in found:
         found.append(f"m:{message_id}")
     return found
+
+
+def merchant_payments(client: redis.Redis, namespace: str, merchant_id: str, *, start: int = 0,
+                      num: int = 50) -> list[str]:  # fmt: skip
+    """Return num of merchant_id's payment ids, newest first (by first-seen time), from rank start."""
+    return [_text(pid) for pid in client.zrevrange(merchant_index_key(namespace, merchant_id), start,
+                                                    start + num - 1)]  # fmt: skip
 
 
 def iter_payments(

@@ -212,7 +212,7 @@ class Console:
 
     def merchant(self, merchant: str, query: dict[str, str]) -> Response:
         rows = [row for row in data.merchants(self.client, self.namespace, self.queues) if row["merchant"] == merchant]
-        payments = data.events(self.client, self.namespace, merchant=merchant, scan=data.MERCHANT_SCAN)
+        payments = data.events(self.client, self.namespace, merchant=merchant)
         letters = data.dead_letters(self.client, self.namespace, self.queues, merchant=merchant,
                                     scan=data.MERCHANT_SCAN)  # fmt: skip
         view = {"merchant": merchant, "summary": rows[0] if rows else None, "payments": payments,

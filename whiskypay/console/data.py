@@ -40,7 +40,7 @@ PAGE_SIZE = 50
 #: The most index entries a filtered page looks at (newest first) before it stops and offers "older".
 SCAN_LIMIT = 2000
 
-#: How many of the newest payments and dead letters a merchant's page looks at (the full search is on /events).
+#: How many of the newest dead letters a merchant's page looks at (/dead-letters?merchant= pages through them all).
 MERCHANT_SCAN = 500
 
 #: Minutes of the overview's delivered / failed chart.
@@ -211,10 +211,11 @@ def payment_row(payment: Any) -> dict[str, Any]:
 
 def events(client: redis.Redis, namespace: str, *, query: str = "", merchant: str = "", state: str = "",
            cursor: int = 0, scan: int = SCAN_LIMIT) -> dict[str, Any]:  # fmt: skip
-    """Return one page of payments newest first, or those an id names; None-free dict with `next` (a cursor).
+    """Return one page of payments newest first, or those an id names, with `next` (a cursor) and `scanned`.
 
-    query: an event id, webhook-id or message id (the ledger's indexes: no scan). merchant / state filter the
-    time index newest first, looking at `scan` entries at most per page; `next` continues after them.
+    query: an event id, webhook-id or message id (the ledger's indexes: no scan). merchant: that merchant's index
+    (`mer:M`), read by rank. state filters the (time or merchant) index newest first, looking at `scan` entries
+    at most per page; `next` continues after them.
     """
     module = ledger()
     if module is None:
@@ -225,8 +226,9 @@ def events(client: redis.Redis, namespace: str, *, query: str = "", merchant: st
         if merchant:
             found = [payment for payment in found if payment.merchant_id == merchant]
         return {"available": True, "rows": [payment_row(p) for p in found], "next": None, "scanned": len(pids)}
-    index = module.time_index_key(namespace)
-    if not merchant and not state:
+    # A merchant's payments have their own index (newest first), so only a state filter looks at entries one by one.
+    index = module.merchant_index_key(namespace, merchant) if merchant else module.time_index_key(namespace)
+    if not state:
         pids = [_text(pid) for pid in client.zrevrange(index, cursor, cursor + PAGE_SIZE - 1)]
         page = [payment_row(p) for p in module.load_payments(client, namespace, pids)]
         more = len(pids) == PAGE_SIZE
