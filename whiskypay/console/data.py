@@ -38,10 +38,13 @@ if TYPE_CHECKING:
 PAGE_SIZE = 50
 
 #: The most index entries a filtered page looks at (newest first) before it stops and offers "older".
-SCAN_LIMIT = 2000
+SCAN_LIMIT = 1000
 
 #: How many of the newest dead letters a merchant's page looks at (/dead-letters?merchant= pages through them all).
 MERCHANT_SCAN = 500
+
+#: The ledger hash fields `Payment.states()` and `merchant_id` read (the job ids, each job's state, the merchant).
+STATE_FIELDS = ("w.mid", "w.state", "e.mid", "e.b.state", "e.m.state", "mer")
 
 #: Minutes of the overview's delivered / failed chart.
 CHART_MINUTES = 60
@@ -239,12 +242,13 @@ def events(client: redis.Redis, namespace: str, *, query: str = "", merchant: st
         pids = [_text(pid) for pid in client.zrevrange(index, position, position + min(batch, scan) - 1)]
         if not pids:
             return {"available": True, "rows": rows, "next": None, "scanned": position - cursor}
-        # First only the payments' hashes (ids and states), then the whole of those that match.
+        # First only the fields that give the payments' states, then the whole of those that match.
         pipe = client.pipeline(transaction=False)
         for pid in pids:
-            pipe.hgetall(module.payment_key(namespace, pid))
-        heads = [module.Payment(pid, {_text(k): _text(v) for k, v in fields.items()})
-                 for pid, fields in zip(pids, pipe.execute(), strict=True) if fields]  # fmt: skip
+            pipe.hmget(module.payment_key(namespace, pid), STATE_FIELDS)
+        heads = [module.Payment(pid, {name: _text(v) for name, v in zip(STATE_FIELDS, values, strict=True)
+                                      if v is not None})
+                 for pid, values in zip(pids, pipe.execute(), strict=True) if any(values)]  # fmt: skip
         for offset, head in enumerate(heads):
             if (merchant and head.merchant_id != merchant) or (state and state not in head.states()):
                 continue
