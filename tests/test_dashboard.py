@@ -232,7 +232,8 @@ def csrf_tokens(page: str) -> dict[str, str]:
 def test_the_dashboard_refuses_requests_without_valid_credentials(
     dashboard_url: str, auth: tuple[str, str] | None
 ) -> None:
-    for path in ("/", "/queues/callbackQueue/failed", "/dramatiq/requeue-message", "/dramatiq/delete-message"):
+    for path in ("/", "/dramatiq/", "/dramatiq/queues/callbackQueue/failed", "/dramatiq/requeue-message",
+                 "/dramatiq/delete-message", "/dead-letters/redrive", "/static/console.css"):
         # When a request arrives without the right credentials
         answer = requests.post(dashboard_url + path, auth=auth, data={"queue": "callbackQueue.XQ", "id": "x"})
         # Then it is refused with a challenge, and no dashboard content
@@ -412,7 +413,7 @@ def test_a_dead_letter_whose_address_forget_erased_is_not_requeued_as_whiskypay_
     redis_client.hset(key, redis_id, json.dumps(message))
     # When an operator clicks Requeue on it
     s, form = requeue_form(dashboard_url, redis_id)
-    answer = s.post(f"{dashboard_url}/requeue-message", data=form, allow_redirects=False, timeout=10)
+    answer = s.post(f"{dashboard_url}/dramatiq/requeue-message", data=form, allow_redirects=False, timeout=10)
     s.close()
     # Then it is refused with the reason and stays dead-lettered: nothing goes onto the queue
     assert answer.status_code == 409 and "erased" in answer.text, answer.text

@@ -370,7 +370,8 @@ def test_addresses_with_an_apostrophe_are_masked_in_logs_sentry_the_cli_and_the_
         base = f"http://127.0.0.1:{server.server_port}"
         redis_id = letter["options"]["redis_message_id"]
         pages = [requests.get(f"{base}{path}", auth=("ops", "pw-for-this-test"), timeout=10)
-                 for path in ("/queues/emailQueue/failed", f"/queues/emailQueue/failed/{redis_id}")]
+                 for path in ("/dramatiq/queues/emailQueue/failed", f"/dramatiq/queues/emailQueue/failed/{redis_id}",
+                              "/dead-letters", f"/events/{letter['message_id']}")]
     finally:
         server.shutdown()
         server.server_close()
