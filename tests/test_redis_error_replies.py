@@ -55,6 +55,7 @@ def admin(server: RedisServer) -> Iterator[redis.Redis]:
         client.config_set("maxmemory", 0)
         client.config_set("maxmemory-policy", "noeviction")
         client.config_set("busy-reply-threshold", 5000)
+        client.config_set("min-replicas-to-write", 0)
         for user in client.acl_users():
             if user != b"default" and user != "default":
                 client.acl_deluser(user)
@@ -81,6 +82,8 @@ class Fault:
             self.admin.config_set("maxmemory", 1)
         elif self.kind == "readonly":
             self.admin.replicaof("127.0.0.1", free_port())  # no master there: a replica that keeps its data
+        elif self.kind == "noreplicas":
+            self.admin.config_set("min-replicas-to-write", 1)  # no replica is connected: NOREPLICAS to writes
         elif self.kind == "busy":
             self.admin.config_set("busy-reply-threshold", 20)
             busy = redis.Redis(host="127.0.0.1", port=self.admin.connection_pool.connection_kwargs["port"])
@@ -98,6 +101,8 @@ class Fault:
             self.admin.config_set("maxmemory", 0)
         elif self.kind == "readonly":
             self.admin.replicaof("NO", "ONE")
+        elif self.kind == "noreplicas":
+            self.admin.config_set("min-replicas-to-write", 0)
         elif self.kind == "busy" and self._script is not None:
             self._script.join(5)
 
@@ -106,7 +111,8 @@ def assert_refuses_writes(admin: redis.Redis, kind: str) -> None:
     """Check that the fault is what it claims: Redis answers a write with the expected error reply."""
     if kind == "busy":
         return  # only while the script runs: checked by the test's timing instead
-    expected = {"oom": redis.exceptions.OutOfMemoryError, "readonly": redis.exceptions.ReadOnlyError}[kind]
+    expected = {"oom": redis.exceptions.OutOfMemoryError, "readonly": redis.exceptions.ReadOnlyError,
+                "noreplicas": redis.ResponseError}[kind]
     with pytest.raises(expected):
         admin.set("probe", 1)
 
@@ -163,7 +169,7 @@ def send(broker: WhiskyPayRedisBroker) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["oom", "readonly", "busy"])
+@pytest.mark.parametrize("kind", ["oom", "readonly", "noreplicas", "busy"])
 def test_a_retry_scheduled_while_redis_refuses_writes_runs_once_redis_accepts_them(server, admin, kind, report):
     # Given a job whose first attempt fails just as Redis starts refusing writes
     broker = make_broker(server.url)
@@ -193,7 +199,7 @@ def test_a_retry_scheduled_while_redis_refuses_writes_runs_once_redis_accepts_th
     report(f"{kind}: retry ran {attempts[1] - cleared:.2f} s after Redis accepted writes again")
 
 
-@pytest.mark.parametrize("kind", ["oom", "readonly"])
+@pytest.mark.parametrize("kind", ["oom", "readonly", "noreplicas"])
 def test_a_dead_letter_written_while_redis_refuses_writes_lands_once_redis_accepts_them(server, admin, kind):
     # Given a job that fails its last attempt just as Redis starts refusing writes
     broker = make_broker(server.url)
@@ -221,7 +227,7 @@ def test_a_dead_letter_written_while_redis_refuses_writes_lands_once_redis_accep
     assert len(attempts) == 2
 
 
-@pytest.mark.parametrize("kind", ["oom", "readonly"])
+@pytest.mark.parametrize("kind", ["oom", "readonly", "noreplicas"])
 def test_an_ack_refused_by_redis_goes_through_once_redis_accepts_writes(server, admin, kind):
     # Given a job that succeeds, but Redis starts refusing writes before the worker acks it
     broker = make_broker(server.url)
@@ -450,7 +456,7 @@ def acks_of(admin: redis.Redis, namespace: str) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["oom", "readonly"])
+@pytest.mark.parametrize("kind", ["oom", "readonly", "noreplicas"])
 def test_an_attempt_record_redis_refuses_for_a_while_is_kept_and_written_once_it_accepts_writes(
     server, admin, kind
 ):

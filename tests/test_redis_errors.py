@@ -35,6 +35,8 @@ def reply(text: str) -> redis.RedisError:
         (reply("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'."),
          "transient", "MASTERDOWN"),
         (reply("CLUSTERDOWN The cluster is down"), "transient", "CLUSTERDOWN"),
+        (reply("NOREPLICAS Not enough good replicas to write. script: 0a1b, on @user_script:1."),
+         "transient", "NOREPLICAS"),
         (reply("NOPERM this user has no permissions to run the 'hset' command"), "configuration", "NOPERM"),
         (reply("ERR The user executing the script can't run this command or subcommand script: 0a1b, on "
                "@user_script:32."), "configuration", "NOPERM"),

@@ -3,7 +3,8 @@
     transient      the same call succeeds once Redis recovers: wait and call again
       connection refused, reset or lost; a socket timeout; a reply cut short (InvalidResponse);
       LOADING (a restart reading its data set); READONLY (a failover: this node became a replica);
-      BUSY (another client's long script); OOM (maxmemory reached under `noeviction`); TRYAGAIN, MASTERDOWN,
+      BUSY (another client's long script); OOM (maxmemory reached under `noeviction`); NOREPLICAS (fewer
+      replicas connected than `min-replicas-to-write`, as while a replica restarts); TRYAGAIN, MASTERDOWN,
       CLUSTERDOWN
     configuration  no retry can fix it: report it to Sentry and the log, and stop consuming
       NOPERM and an ACL denial inside a script ("ERR The user executing the script can't run this command"),
@@ -31,7 +32,9 @@ T = TypeVar("T")
 RedisErrorKind = Literal["transient", "configuration"]
 
 #: Error reply codes that clear by themselves (a failover, a restart, memory freed, a script finishing).
-TRANSIENT_CODES = frozenset({"READONLY", "LOADING", "BUSY", "OOM", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"})
+TRANSIENT_CODES = frozenset(
+    {"READONLY", "LOADING", "BUSY", "OOM", "NOREPLICAS", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"}
+)
 
 #: The longest wait between two calls through a transient error, in seconds: a call goes through at most this
 #: long after Redis accepts it again.
