@@ -504,6 +504,22 @@ def test_resend_dry_run_names_the_delivery_it_would_send_and_sends_nothing(
     assert status == 1 and "not found" in out
 
 
+def test_resend_works_on_a_redis_that_has_not_loaded_the_ledger_script(
+    redis_client: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from whiskypay import keys
+
+    # Given a payment, and a Redis whose script cache is empty (restarted, or failed over to a replica)
+    _enter(redis_client, CONFIG, _callback(event_id="pay_fresh", merchant_id="acme"), int(time.time() * 1000))
+    redis_client.script_flush()
+    # When it is resent, then it goes into the replay lane and the ledger records its new delivery as pending
+    status, out = _cli(capsys, "resend", "pay_fresh")
+    assert status == 0, out
+    assert redis_client.zcard(keys.replay_lane(NAMESPACE, "callbackQueue")) == 1
+    payment = _payment(redis_client, "pay_fresh")
+    assert payment is not None and payment.fields["w.n"] == "2" and payment.webhook_state == "pending"
+
+
 def test_a_parked_callback_is_parked_in_the_ledger_and_only_an_attempt_made_is_a_row(redis_client: redis.Redis) -> None:
     from whiskypay.errors import Parked
 

@@ -310,6 +310,7 @@ def resend_command(args: argparse.Namespace) -> int:
         for payment, message in chosen:
             by_queue.setdefault(message["queue_name"], []).append((payment, message))
         writer = LedgerWriter(client)
+        client.script_load(LEDGER_LUA)  # the pipelines' EVALSHA must find it (a restarted Redis has no scripts)
         for queue, items in by_queue.items():
             pipe = client.pipeline(transaction=False)
             for index, (payment, message) in enumerate(items):
