@@ -101,3 +101,18 @@ def test_the_sentinel_topology_is_shown_when_configured(
     assert "no replica: a failover has nothing to promote" in out
     assert REDIS_PASSWORD not in out
     assert status == 0
+
+
+@pytest.mark.parametrize("dsn", [f"https://{SENTRY_KEY}@sentry.example:abc/1", f"https://{SENTRY_KEY}@[::1/1"],
+                         ids=["bad-port", "bad-ipv6"])
+def test_a_dsn_that_urllib_cannot_split_is_a_failed_row_not_a_traceback(dsn: str) -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from pydantic import SecretStr
+
+    from whiskypay.cli.check import sentry_check
+
+    row = sentry_check(cast(Any, SimpleNamespace(sentry_dsn=SecretStr(dsn))))
+    assert row.result == "failed" and row.detail.startswith("malformed")
+    assert SENTRY_KEY not in row.detail

@@ -166,7 +166,7 @@ def sentry_check(settings: Settings) -> Check:
 
     try:
         dsn = Dsn(settings.sentry_dsn.get_secret_value())
-    except BadDsn as exc:
+    except (BadDsn, ValueError) as exc:  # urllib's own ValueError for a bad port or IPv6 literal
         return Check("sentry dsn", "failed", f"malformed ({exc})",
                      "copy the DSN again from Sentry: https://<key>@<host>/<project id>")
     return Check("sentry dsn", "ok", f"{dsn.scheme}://{dsn.host}, project {dsn.project_id}")
