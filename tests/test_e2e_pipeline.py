@@ -285,9 +285,11 @@ def test_an_smtp_server_that_drops_the_connection_gets_a_fresh_one(redis_client,
 def test_sentry_gets_one_scrubbed_triage_ready_event_per_finally_failed_message(
     redis_client, receiver, sentry, start_workers, env
 ):
-    # Given a merchant whose endpoint is down, and Sentry on
+    # Given a merchant whose endpoint is down, and Sentry on (its breaker's threshold above the 2 x 5 failed
+    # attempts, so both messages end as dead letters rather than parked: this test is about the dead letters' events)
     receiver.respond("/hook", Response(status=503))
-    worker = start_workers(env={**env, **sentry.env(WHISKYPAY_RELEASE="whiskypay@test", WHISKYPAY_ENVIRONMENT="ci")})
+    worker = start_workers(env={**env, "WHISKYPAY_BREAKER_FAILURES": "11",
+                                **sentry.env(WHISKYPAY_RELEASE="whiskypay@test", WHISKYPAY_ENVIRONMENT="ci")})
     from actors import send_callback
 
     # When two payments to it exhaust their 5 attempts each

@@ -587,3 +587,20 @@ def test_every_ledger_command_exits_2_naming_the_setting_when_redis_is_unreachab
         get_settings.cache_clear()
     err = capsys.readouterr().err
     assert status == 2 and "WHISKYPAY_REDIS_URL" in err and "hunter2" not in err
+
+
+def test_a_write_queued_on_a_pipeline_works_on_a_redis_that_never_ran_the_ledger_script(
+    redis_client: redis.Redis,
+) -> None:
+    # Given a Redis whose script cache is empty (fresh, restarted, or SCRIPT FLUSHed), as `whiskypay resend` meets it
+    redis_client.script_flush()
+    message = _callback(event_id="pay_fresh_redis")
+    op = ledger.pending_op(CONFIG, message, now_ms=int(time.time() * 1000))
+    assert op is not None
+    # When the write is queued on a pipeline (EVALSHA cannot fall back to loading the script there)
+    pipe = redis_client.pipeline(transaction=False)
+    LedgerWriter(redis_client).queue(pipe, op, data=message.encode())
+    replies = pipe.execute(raise_on_error=False)
+    # Then it ran: no NoScriptError, and the payment is in the ledger
+    assert not any(isinstance(reply, Exception) for reply in replies), replies
+    assert _payment(redis_client, "pay_fresh_redis") is not None

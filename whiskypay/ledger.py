@@ -589,6 +589,7 @@ class LedgerWriter:
         self.client = client
         self.sha = hashlib.sha1(LEDGER_LUA.encode()).hexdigest()
         self.batch_sha = hashlib.sha1(LEDGER_BATCH_LUA.encode()).hexdigest()
+        self._loaded = False
 
     def write_batch(self, ops: Sequence[LedgerOp]) -> list[Any]:
         """Run many attempt records in one call (LEDGER_BATCH_LUA); return one reply per record.
@@ -610,7 +611,15 @@ class LedgerWriter:
         return [_text(reply) if isinstance(reply, bytes) else reply for reply in replies]
 
     def queue(self, pipe: Any, op: LedgerOp, *, data: bytes | str = b"") -> None:
-        """Queue op on pipe; its reply is the script's, or a NoScriptError (then call `write`)."""
+        """Queue op on pipe (the script is loaded into Redis first, once per writer); its reply is the script's.
+
+        A pipeline cannot fall back from EVALSHA to loading the script mid-way, so the first call loads it (one
+        round trip): on a Redis that never ran a ledger write (a fresh or restarted one) the op would otherwise
+        fail with NoScriptError. Raises redis.RedisError when loading fails.
+        """
+        if not self._loaded:
+            self.client.script_load(LEDGER_LUA)
+            self._loaded = True
         pipe.evalsha(self.sha, len(op.keys), *op.keys, *op.args(data))
 
     def write(self, op: LedgerOp, *, data: bytes | str = b"") -> Any:
