@@ -20,7 +20,6 @@ from whiskypay.dead_letters import encode_message, iter_dead_letters
 from whiskypay.ledger import (
     DELIVERY_OPTION,
     ERASED,
-    LEDGER_LUA,
     STATES,
     LedgerConfig,
     LedgerWriter,
@@ -261,7 +260,6 @@ def resend_payment(client: redis.Redis, namespace: str, payment: Payment) -> str
                   else "no webhook of it is recorded")  # fmt: skip
         return f"Cannot resend {payment.label}: {reason}."
     queue = message["queue_name"]
-    client.script_load(LEDGER_LUA)  # the pipeline's EVALSHA must find it (a restarted Redis has no scripts)
     pipe = client.pipeline(transaction=False)
     queue_resend(pipe, LedgerWriter(client), ledger_config(namespace), message, queue=queue,
                  order=lane_order(now_ms, 0), now_ms=now_ms)  # fmt: skip
@@ -310,7 +308,6 @@ def resend_command(args: argparse.Namespace) -> int:
         for payment, message in chosen:
             by_queue.setdefault(message["queue_name"], []).append((payment, message))
         writer = LedgerWriter(client)
-        client.script_load(LEDGER_LUA)  # the pipelines' EVALSHA must find it (a restarted Redis has no scripts)
         for queue, items in by_queue.items():
             pipe = client.pipeline(transaction=False)
             for index, (payment, message) in enumerate(items):
