@@ -191,3 +191,36 @@ def test_an_ack_or_nack_lost_to_a_connection_error_is_retried_until_it_lands(red
     finally:
         worker.stop()
         broker.close()
+
+
+def test_a_consumer_refills_its_window_in_batches_not_one_fetch_per_ack(redis_client):
+    import actors
+    from actors import send_callback
+    from tests.helpers import queued
+
+    # Given 20 messages and a consumer with a window of 8 (a worker's 4 threads) that holds all 8, none acked
+    for _ in range(20):
+        send_callback.send(callback_url="http://127.0.0.1:9/hook", email="b@example.com", plan="p", price=1)
+    consumer = actors.broker.consume("callbackQueue", prefetch=8, timeout=300)
+    taken = [next(consumer) for _ in range(8)]
+    assert all(taken) and queued(redis_client, "callbackQueue") == 12
+    try:
+        # When one is acked (the window has 1 free slot of 8, and 7 messages still wait for a thread)
+        consumer.ack(taken.pop())
+        # Then the consumer does not fetch that one slot: it waits (for the next ack, or the worker timeout)
+        assert next(consumer) is None
+        assert queued(redis_client, "callbackQueue") == 12
+        # When a quarter of the window is free (2 of 8)
+        consumer.ack(taken.pop())
+        # Then it fetches both slots in one go
+        assert next(consumer) is not None
+        assert queued(redis_client, "callbackQueue") == 10
+        # And when at most half the window is taken (a thread may be idle), it fetches at once, whatever is free
+        for message in taken:
+            consumer.ack(message)
+        assert next(consumer) is not None  # the second of the two, from its cache: no fetch
+        assert queued(redis_client, "callbackQueue") == 10
+        assert next(consumer) is not None  # 2 of 8 taken: the 6 free slots in one fetch
+        assert queued(redis_client, "callbackQueue") == 4
+    finally:
+        consumer.close()

@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -654,7 +655,27 @@ class _WakingConsumer(_RedisConsumer):
         self.wake = threading.Event()
         #: Fetches refused in a row (transient Redis errors), to log the first and then every LOG_EVERY-th.
         self.refusals = 0
+        #: When the last fetch was sent (time.monotonic()), and how many free slots make a fetch worth it.
+        self._last_fetch = 0.0
+        self._refill_batch = max(1, prefetch // 4)
+        self._is_delay_queue = queue_name.endswith(".DQ")
         broker.waker.register(queue_name, self.wake)
+
+    def _refill_later(self) -> bool:
+        """Return True when a fetch now would take only a few slots while every thread still has work queued.
+
+        Stock Dramatiq fetches a whole window's free slots after a sleep; this consumer is woken by every ack, so
+        fetching at once would cost a Redis round trip per message. It fetches when a quarter of the window is
+        free, or when at most half of it is taken (with the default window of twice the threads, a thread may
+        then be idle), or when the last fetch is a worker timeout old (the heartbeat and the lane are served at
+        that pace anyway). A delay queue (its window is a thousand per thread) is left as it was.
+        """
+        if self._is_delay_queue:
+            return False
+        outstanding, prefetch = int(self.outstanding_message_count), int(self.prefetch)
+        if prefetch - outstanding >= self._refill_batch or outstanding <= prefetch // 2:
+            return False
+        return time.monotonic() - self._last_fetch < int(self.timeout) / 1000
 
     def ack(self, message: MessageProxy) -> None:
         self._settle("ack", message)
@@ -731,7 +752,13 @@ class _WakingConsumer(_RedisConsumer):
                         return None
                     self.wake.clear()  # before the fetch: a publish that lands after it is not missed
                     messages = []
+                    if self._refill_later():
+                        # Enough fetched messages are still waiting for a thread: let acks free a batch of slots
+                        # (each ack wakes us) rather than fetch one message per ack.
+                        self.wake.wait(max(0.001, self._last_fetch + self.timeout / 1000 - time.monotonic()))
+                        return None
                     if self.outstanding_message_count < self.prefetch:
+                        self._last_fetch = time.monotonic()
                         self.message_cache = messages = self.broker.do_fetch(
                             self.queue_name, self.prefetch - self.outstanding_message_count
                         )
