@@ -15,8 +15,8 @@ from typing import Any
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import CurrentMessage
-from periodiq import cron
 
+from middleware.periodic import Cron
 from settings import get_settings
 from whiskypay.breakers import BreakerStore
 from whiskypay.merchants import open_longer_than
@@ -87,7 +87,7 @@ def check_breakers(client: Any, namespace: str, tick: str, *, limit_ms: int) -> 
 @dramatiq.actor(
     actor_name="check_queue_health",
     queue_name=Queue.MAINTENANCE,
-    periodic=cron(SCHEDULE),
+    periodic=Cron(SCHEDULE),  # parsed by periodiq in the scheduler only
     max_retries=0,  # the next minute's run is the retry
     time_limit=30_000,
 )
