@@ -36,7 +36,8 @@ class OutcomeCounters(Middleware):
     Counts are added up in memory and written by a background thread every flush_interval_s (and at worker
     shutdown), so counting costs no Redis round trip per message; a killed worker loses at most that
     interval's counts. Outside a worker (tests calling the hooks) a count past the interval also flushes.
-    A Redis error here never breaks processing: the counts are kept for the next flush, logged once.
+    A Redis error here never breaks processing: the counts Redis did not apply are kept for the next flush (one
+    MULTI/EXEC per flush, so a refused flush applied nothing and none is counted twice), logged once.
 
     Parameters:
       clock: Unix seconds, for `started_at` and the flush interval; injected for tests.
@@ -73,7 +74,7 @@ class OutcomeCounters(Middleware):
             self.flush(broker)
 
     def flush(self, broker: Broker) -> None:
-        """Write the counts gathered so far to Redis (one pipeline); keep them if Redis fails."""
+        """Write the counts gathered so far to Redis (one MULTI/EXEC); keep those Redis did not apply."""
         if not isinstance(broker, RedisBroker) or not self._flushing.acquire(blocking=False):
             return  # another thread is flushing
         try:
@@ -82,24 +83,40 @@ class OutcomeCounters(Middleware):
                 self._last_flush = self.clock()
             if not pending:
                 return
-            pipe = broker.client.pipeline(transaction=False)
+            # MULTI/EXEC, not a plain pipeline: a command Redis refuses while queueing (NOPERM, OOM, READONLY...)
+            # aborts the whole EXEC, so a failed flush applied nothing and its counts can be kept whole. A command
+            # that fails inside EXEC (WRONGTYPE) fails alone: only its count is kept. Either way no count is
+            # written twice (a plain pipeline applied the commands before the refused one, then re-added them).
+            pipe = broker.client.pipeline(transaction=True)
+            counted: list[tuple[int, tuple[str, str], int]] = []  # (reply index, (key, field), count)
             for (key, field), count in pending.items():
+                counted.append((len(pipe), (key, field), count))
                 pipe.hincrby(key, field, count)
                 if keys.is_minute_outcomes(key):
                     pipe.expire(key, keys.MINUTE_OUTCOMES_TTL_S)
                 elif field in FIELDS.values():  # a queue's own hash; the per-merchant one has no started_at
                     pipe.hsetnx(key, "started_at", int(self.clock()))
             try:
-                pipe.execute()
-            except redis.RedisError as exc:  # a count must never fail or retry a message: keep it for later
-                with self._lock:
-                    self._pending.update(pending)
-                if not self._error_logged:
-                    self._error_logged = True
-                    names = ", ".join(sorted({key for key, _ in pending}))
-                    self.logger.debug("Could not count outcomes in %s: %s", names, type(exc).__name__)
+                replies = pipe.execute(raise_on_error=False)
+            except redis.RedisError as exc:  # EXECABORT or no connection: nothing applied; keep it all for later
+                self._keep(pending, exc)
+                return
+            failed: Counter[tuple[str, str]] = Counter(
+                {entry: count for index, entry, count in counted if isinstance(replies[index], Exception)}
+            )
+            if failed:
+                self._keep(failed, next(reply for reply in replies if isinstance(reply, Exception)))
         finally:
             self._flushing.release()
+
+    def _keep(self, counts: Counter[tuple[str, str]], exc: BaseException) -> None:
+        """Keep counts that did not reach Redis for the next flush (a count must never fail or retry a message)."""
+        with self._lock:
+            self._pending.update(counts)
+        if not self._error_logged:
+            self._error_logged = True
+            names = ", ".join(sorted({key for key, _ in counts}))
+            self.logger.debug("Could not count outcomes in %s: %s", names, type(exc).__name__)
 
     def after_process_message(
         self, broker: Broker, message: MessageProxy, *, result: object = None, exception: BaseException | None = None

@@ -491,3 +491,68 @@ def test_an_attempt_record_redis_refuses_for_a_while_is_kept_and_written_once_it
     assert not ledger_mw._backlog
     assert admin.keys(keys.ledger_prefix(NS) + "*")
     broker.close()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# outcome counters: a flush Redis refuses part of never counts twice
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _delivered(counters: Any, broker: Any, merchant_id: str) -> None:
+    from dramatiq.broker import MessageProxy
+
+    message = MessageProxy(Message(queue_name=QUEUE, actor_name="job", args=(), kwargs={"merchant_id": merchant_id},
+                                   options={}))
+    counters.after_process_message(broker, message)
+
+
+def test_a_counter_flush_redis_refuses_one_command_of_applies_nothing_and_counts_once_when_it_is_allowed(
+    server, admin
+):
+    from dramatiq.brokers.redis import RedisBroker
+
+    from middleware.outcome_counters import OutcomeCounters
+
+    # Given a worker whose Redis user may HINCRBY but not HSETNX (the flush's `started_at`)
+    admin.execute_command("ACL", "SETUSER", "counter", "on", ">pw", "~*", "&*", "+@all", "-hsetnx")
+    client = redis.Redis.from_url(server.url.replace("redis://", "redis://counter:pw@"))
+    broker = RedisBroker(client=client, namespace=NS, middleware=[])
+    counters = OutcomeCounters(clock=lambda: 1_780_000_000, flush_interval_s=3600)
+    # When two deliveries are counted and the flush is refused
+    _delivered(counters, broker, "m_1")
+    _delivered(counters, broker, "m_1")
+    counters.flush(broker)
+    # Then nothing was applied (not the HINCRBYs queued before the refused HSETNX either)
+    stats, per_merchant = keys.outcome_counters(NS, QUEUE), keys.merchant_outcome_counters(NS, QUEUE)
+    assert admin.hgetall(stats) == {} and admin.hgetall(per_merchant) == {}
+    # When Redis allows it again and the next flush runs
+    admin.execute_command("ACL", "SETUSER", "counter", "+hsetnx")
+    counters.flush(broker)
+    counters.flush(broker)
+    # Then each delivery is counted once
+    assert admin.hget(stats, "completed") == b"2"
+    assert admin.hget(per_merchant, "completed:m_1") == b"2"
+    client.close()
+
+
+def test_a_counter_flush_one_key_of_fails_keeps_only_that_count(server, admin):
+    from dramatiq.brokers.redis import RedisBroker
+
+    from middleware.outcome_counters import OutcomeCounters
+
+    # Given the per-merchant counters' key holding a string (WRONGTYPE for HINCRBY, inside EXEC)
+    per_merchant = keys.merchant_outcome_counters(NS, QUEUE)
+    admin.set(per_merchant, "not a hash")
+    client = redis.Redis.from_url(server.url)
+    broker = RedisBroker(client=client, namespace=NS, middleware=[])
+    counters = OutcomeCounters(clock=lambda: 1_780_000_000, flush_interval_s=3600)
+    # When a delivery is counted and flushed twice, the key repaired between the flushes
+    _delivered(counters, broker, "m_1")
+    counters.flush(broker)
+    admin.delete(per_merchant)
+    counters.flush(broker)
+    counters.flush(broker)
+    # Then the queue's count (applied by the first flush) is 1, not 2, and the merchant's came through once
+    assert admin.hget(keys.outcome_counters(NS, QUEUE), "completed") == b"1"
+    assert admin.hget(per_merchant, "completed:m_1") == b"1"
+    client.close()
