@@ -556,3 +556,78 @@ def test_a_counter_flush_one_key_of_fails_keeps_only_that_count(server, admin):
     assert admin.hget(keys.outcome_counters(NS, QUEUE), "completed") == b"1"
     assert admin.hget(per_merchant, "completed:m_1") == b"1"
     client.close()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a re-drive or a replay's promotion Redis refuses a write of loses nothing (writes first, the delete last)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _dead_letter(admin: redis.Redis) -> Any:
+    from whiskypay.dead_letters import decode_dead_letter, encode_message
+
+    raw = encode_message({"queue_name": QUEUE, "actor_name": "job", "args": [], "kwargs": {}, "message_id": "m-1",
+                          "message_timestamp": 1, "options": {"redis_message_id": "dead-1", "retries": 3}})
+    admin.zadd(keys.dead_letters(NS, QUEUE), {"dead-1": 1_780_000_000_000})
+    admin.hset(keys.dead_letter_messages(NS, QUEUE), "dead-1", raw)
+    return decode_dead_letter(QUEUE, "dead-1", raw, 1_780_000_000_000)
+
+
+@pytest.mark.parametrize(("paced", "denied"), [(False, "rpush"), (False, "hset"), (True, "zadd"), (True, "hset"),
+                                                (False, "publish")])
+def test_a_redrive_redis_refuses_a_write_of_keeps_the_dead_letter_and_goes_through_once_allowed(
+    server, admin, paced, denied
+):
+    from whiskypay.dead_letters import redrive, redrive_paced
+
+    # Given a dead letter, and an operator's Redis user that may not run one of the re-drive's writes
+    letter = _dead_letter(admin)
+    admin.execute_command("ACL", "SETUSER", "ops", "on", ">pw", "~*", "&*", "+@all", f"-{denied}")
+    client = redis.Redis.from_url(server.url.replace("redis://", "redis://ops:pw@"))
+
+    def move() -> str:
+        if paced:
+            return redrive_paced(client, NS, letter, order=1, new_id="new-1")[0]
+        return redrive(client, NS, letter, new_id="new-1")
+
+    target = keys.replay_lane(NS, QUEUE) if paced else keys.queue(NS, QUEUE)
+    # When it re-drives it
+    with pytest.raises(redis.ResponseError, match=r"can.t run this command"):
+        move()
+    # Then the dead letter is still there, as it was, and nothing was listed on the queue or the lane
+    assert admin.zscore(keys.dead_letters(NS, QUEUE), "dead-1") is not None
+    assert admin.hget(keys.dead_letter_messages(NS, QUEUE), "dead-1") == letter.raw
+    assert admin.exists(target) == 0
+    # When Redis allows it and the re-drive is run again
+    admin.execute_command("ACL", "SETUSER", "ops", f"+{denied}")
+    assert move() == "re-driven"
+    # Then it moved once
+    assert admin.zcard(keys.dead_letters(NS, QUEUE)) == 0
+    listed = admin.zrange(target, 0, -1) if paced else admin.lrange(target, 0, -1)
+    assert listed == [b"new-1"]
+    client.close()
+
+
+@pytest.mark.parametrize("denied", ["rpush", "hset"])
+def test_a_promotion_redis_refuses_a_write_of_leaves_the_replay_in_its_lane(server, admin, denied):
+    from whiskypay.replay import LanePromoter, add_to_lane
+
+    # Given one replay waiting in the lane, and a worker's Redis user that may not run one of the promotion's writes
+    message = {"queue_name": QUEUE, "actor_name": "job", "args": [], "kwargs": {}, "message_id": "m-1",
+               "message_timestamp": 1, "options": {"redis_message_id": "r-1"}}
+    pipe = admin.pipeline()
+    add_to_lane(pipe, NS, QUEUE, message, json.dumps(message).encode(), 1)
+    pipe.execute()
+    admin.execute_command("ACL", "SETUSER", "wk", "on", ">pw", "~*", "&*", "+@all", f"-{denied}")
+    client = redis.Redis.from_url(server.url.replace("redis://", "redis://wk:pw@"))
+    # When the consumer promotes it
+    with pytest.raises(redis.ResponseError, match=r"can.t run this command"):
+        LanePromoter(client, NS, rate=100).promote(QUEUE, 1, now_ms=1_000)
+    # Then the replay is still in its lane, with its message
+    assert admin.zrange(keys.replay_lane(NS, QUEUE), 0, -1) == [b"r-1"]
+    assert admin.hexists(keys.replay_lane_messages(NS, QUEUE), "r-1")
+    # When Redis allows it, then the next promotion moves it onto the queue, once
+    admin.execute_command("ACL", "SETUSER", "wk", f"+{denied}")
+    assert LanePromoter(client, NS, rate=100).promote(QUEUE, 1, now_ms=2_000) == (1, 0)
+    assert admin.lrange(keys.queue(NS, QUEUE), 0, -1) == [b"r-1"] and admin.zcard(keys.replay_lane(NS, QUEUE)) == 0
+    client.close()

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from whiskypay import keys
 from whiskypay.ledger import DELIVERY_OPTION, MessageView, delivery_of, job_kind
 from whiskypay.redaction import ADDRESS_FIELDS, mask_address, scrub_text, url_host
-from whiskypay.replay import redrive_to_lane
 from whiskypay.retrying import attempts_made
 
 if TYPE_CHECKING:
@@ -33,11 +32,18 @@ REDRIVE_DROPPED_OPTIONS = frozenset(
 #: How many dead letters are read from Redis per round trip.
 BATCH_SIZE = 500
 
-#: Move one dead letter back onto its queue, atomically: a message is re-driven once, or not at all.
-#: It mirrors Dramatiq's dispatch.lua "enqueue" (HSET into `<queue>.msgs`, RPUSH the id onto `<queue>`),
-#: so workers pick it up as any other message. KEYS: XQ, XQ.msgs, <queue>.msgs, <queue>;
-#: ARGV: dead redis id, the data read earlier, new redis id, new data. Returns 1 moved, 0 no longer
-#: dead-lettered (re-driven by someone else, or expired), -1 changed since it was read (left alone).
+#: Move one dead letter back onto its queue, or into its queue's paced replay lane (whiskypay.replay), atomically:
+#: a message is re-driven once, or not at all. Onto the queue it mirrors Dramatiq's dispatch.lua "enqueue" (HSET
+#: into `<queue>.msgs`, RPUSH the id onto `<queue>`), so workers pick it up as any other message; into the lane it
+#: HSETs the lane's messages and ZADDs the id to the lane. Either way it publishes on the queue's wake channel.
+#: KEYS: XQ, XQ.msgs, the target's messages hash, the target (`<queue>` or the lane zset). ARGV: dead redis id,
+#: the data read earlier, new redis id, new data, the lane order ("" onto the queue itself), the wake channel.
+#: Returns 1 moved, 0 no longer dead-lettered (re-driven by someone else, or expired), -1 changed since it was
+#: read (left alone).
+#: Order matters (as in redis_broker.ENQUEUE_LUA): Redis does not roll a script back, so every write that can be
+#: refused (an ACL denial, OOM, READONLY, WRONGTYPE) runs before the dead letter is deleted, last: a refused call
+#: leaves the dead letter in place (at most an unlisted entry in the target's hash), never lost. A delete refused
+#: after the write leaves the message re-driven and still dead-lettered: at worst a second re-drive, not a loss.
 REDRIVE_LUA = """
 if not redis.call("zscore", KEYS[1], ARGV[1]) then
     return 0
@@ -45,10 +51,15 @@ end
 if redis.call("hget", KEYS[2], ARGV[1]) ~= ARGV[2] then
     return -1
 end
+redis.call("publish", ARGV[6], "1")
+redis.call("hset", KEYS[3], ARGV[3], ARGV[4])
+if ARGV[5] == "" then
+    redis.call("rpush", KEYS[4], ARGV[3])
+else
+    redis.call("zadd", KEYS[4], ARGV[5], ARGV[3])
+end
 redis.call("zrem", KEYS[1], ARGV[1])
 redis.call("hdel", KEYS[2], ARGV[1])
-redis.call("hset", KEYS[3], ARGV[3], ARGV[4])
-redis.call("rpush", KEYS[4], ARGV[3])
 return 1
 """
 
@@ -75,6 +86,7 @@ _POSITIONAL = {
     "send_callback": ("callback_url", "email"),
     "send_email": ("buyer_email", "merchant_email"),
 }
+
 
 
 def iso_time(ms: int | None) -> str | None:
@@ -308,17 +320,14 @@ def _redrive(
     new_id = new_id or str(uuid.uuid4())
     message = redriven(letter.message, queue=letter.queue, redis_message_id=new_id)
     data = encode_message(message)
-    if order is not None:
-        moved = redrive_to_lane(client, namespace, letter.queue, redis_id=letter.redis_id, raw=letter.raw,
-                                message=message, data=data, order=order)
+    if order is None:  # onto the queue itself
+        target = [keys.messages(namespace, letter.queue), keys.queue(namespace, letter.queue)]
     else:
-        names = [
-            keys.dead_letters(namespace, letter.queue),
-            keys.dead_letter_messages(namespace, letter.queue),
-            keys.messages(namespace, letter.queue),
-            keys.queue(namespace, letter.queue),
-        ]
-        moved = int(client.register_script(REDRIVE_LUA)(keys=names, args=[letter.redis_id, letter.raw, new_id, data]))
+        target = [keys.replay_lane_messages(namespace, letter.queue), keys.replay_lane(namespace, letter.queue)]
+    names = [keys.dead_letters(namespace, letter.queue), keys.dead_letter_messages(namespace, letter.queue), *target]
+    args = [letter.redis_id, letter.raw, new_id, data, "" if order is None else order,
+            keys.wake_channel(namespace, letter.queue)]
+    moved = int(client.register_script(REDRIVE_LUA)(keys=names, args=args))
     result: RedriveResult = {1: "re-driven", 0: "gone", -1: "changed"}[moved]  # type: ignore[assignment]
     return result, message
 

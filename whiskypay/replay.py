@@ -45,30 +45,12 @@ redis.call("publish", ARGV[4], "1")
 return 1
 """
 
-#: Move a dead letter into a queue's lane, atomically (a dead letter is re-driven once, or not at all), as
-#: whiskypay.ops.REDRIVE_LUA does onto the queue itself. KEYS: XQ, XQ.msgs, lane zset, lane messages hash.
-#: ARGV: dead redis id, the data read earlier, new redis id, new data, order, wake channel. Returns 1 moved,
-#: 0 no longer dead-lettered, -1 changed since it was read (left alone).
-REDRIVE_TO_LANE_LUA = """
-if not redis.call("zscore", KEYS[1], ARGV[1]) then
-    return 0
-end
-if redis.call("hget", KEYS[2], ARGV[1]) ~= ARGV[2] then
-    return -1
-end
-redis.call("zrem", KEYS[1], ARGV[1])
-redis.call("hdel", KEYS[2], ARGV[1])
-redis.call("hset", KEYS[4], ARGV[3], ARGV[4])
-redis.call("zadd", KEYS[3], ARGV[5], ARGV[3])
-redis.call("publish", ARGV[6], "1")
-return 1
-"""
-
 #: Move replays from the lane onto the queue, oldest first, as Dramatiq's enqueue puts a message there: at most
 #: ARGV[2] (the consumer's free prefetch room) and at most the whole tokens of the pace bucket, which fills at
 #: ARGV[3] per second up to a fifth of a second's worth. KEYS: lane zset, lane messages hash, pace hash, Q.msgs,
 #: Q. ARGV: now (ms), room, rate. Returns {moved, ms until the next token (0 when replays moved or the lane is
-#: empty)}.
+#: empty)}. Writes first, deletes last (as redis_broker.ENQUEUE_LUA orders its commit point): a refused call loses
+#: no replay; one refused after a replay reached Q (its lane delete) leaves it in the lane too, run again later.
 PROMOTE_LUA = """
 if redis.call("zcard", KEYS[1]) == 0 then
     return {0, 0}
@@ -88,9 +70,7 @@ local ids = redis.call("zrange", KEYS[1], 0, take - 1)
 local moved = 0
 for _, id in ipairs(ids) do
     local data = redis.call("hget", KEYS[2], id)
-    redis.call("zrem", KEYS[1], id)
     if data then
-        redis.call("hdel", KEYS[2], id)
         redis.call("hset", KEYS[4], id, data)
         redis.call("rpush", KEYS[5], id)
         moved = moved + 1
@@ -98,6 +78,12 @@ for _, id in ipairs(ids) do
 end
 redis.call("hset", KEYS[3], "tokens", tostring(tokens - moved), "at", now)
 redis.call("pexpire", KEYS[3], 60000)
+-- The deletes last: Redis does not roll a script back, so a write refused above (an ACL denial, OOM, READONLY,
+-- WRONGTYPE) leaves every replay in the lane, to be promoted by a later call, instead of deleted and lost.
+for _, id in ipairs(ids) do
+    redis.call("zrem", KEYS[1], id)
+    redis.call("hdel", KEYS[2], id)
+end
 return {moved, 0}
 """
 
@@ -132,18 +118,6 @@ def add_to_lane(pipe: Any, namespace: str, queue: str, message: dict[str, Any], 
     """Queue on pipe the command that puts message (encoded as data) into queue's lane (order: lane_order)."""
     pipe.eval(LANE_ADD_LUA, 2, lane_key(namespace, queue), lane_messages_key(namespace, queue),
               message["options"]["redis_message_id"], data, order, keys.wake_channel(namespace, queue))
-
-
-def redrive_to_lane(
-    client: redis.Redis, namespace: str, queue: str, *, redis_id: str, raw: bytes, message: dict[str, Any],
-    data: bytes, order: int,
-) -> int:
-    """Move one dead letter of queue into its lane (REDRIVE_TO_LANE_LUA); return 1, 0 or -1 as it does."""
-    return int(client.eval(
-        REDRIVE_TO_LANE_LUA, 4, keys.dead_letters(namespace, queue), keys.dead_letter_messages(namespace, queue),
-        lane_key(namespace, queue), lane_messages_key(namespace, queue),
-        redis_id, raw, message["options"]["redis_message_id"], data, order, keys.wake_channel(namespace, queue),
-    ))
 
 
 class LanePromoter:
