@@ -83,7 +83,7 @@ def test_only_5xx_408_429_timeouts_and_connection_errors_count_as_an_outage(erro
 
 def test_the_park_limit_reason_says_since_when_the_merchant_was_unreachable() -> None:
     reason = park_limit_reason("shop-1", parked_at_ms=0, since_ms=1_000, limit_ms=3_600_000, now_ms=7_200_000)
-    assert reason.startswith("merchant shop-1 unreachable since 1970-01-01T00:00:01Z: parked 2.0 h")
+    assert reason.startswith("merchant shop-1 unreachable since 1970-01-01T00:00:01.000Z: parked 2.0 h")
     assert "WHISKYPAY_PARK_MAX_MS (3600000 ms)" in reason
 
 
@@ -105,8 +105,8 @@ def test_a_breaker_summary_has_the_documented_fields() -> None:
     breaker = Breaker.of("m", {"state": "open", "failures": "12", "since": "0", "next_probe_at": "60000",
                                "last_error": "HttpStatusError: HTTP 503 from h"}, parked=3)
     assert breaker.summary() == {
-        "merchant": "m", "state": "open", "parked": 3, "failures": 12, "since": "1970-01-01T00:00:00Z",
-        "last_error": "HttpStatusError: HTTP 503 from h", "next_probe_at": "1970-01-01T00:01:00Z", "held": False,
+        "merchant": "m", "state": "open", "parked": 3, "failures": 12, "since": "1970-01-01T00:00:00.000Z",
+        "last_error": "HttpStatusError: HTTP 503 from h", "next_probe_at": "1970-01-01T00:01:00.000Z", "held": False,
         "host": None,
     }
 
@@ -317,3 +317,14 @@ def test_a_snapshot_does_not_undo_what_this_process_counted_while_it_was_read() 
     now[0] = 12.0
     view.replace_all({"a": old}, taken_at=12.0)  # a later snapshot is the truth again
     assert view.get("a").failures == 3 and view.get("b") is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("ms", "shown"),
+    [(None, None), (0, "1970-01-01T00:00:00.000Z"), (1_780_000_000_123, "2026-05-28T20:26:40.123Z")],
+)
+def test_a_unix_ms_time_reads_as_utc_iso_with_milliseconds_everywhere(ms: int | None, shown: str | None) -> None:
+    from whiskypay import keys, merchants
+
+    assert keys.iso_ms(ms) == shown
+    assert merchants.iso_ms is keys.iso_ms  # the breaker's park reason and `whiskypay merchants` read it too

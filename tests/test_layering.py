@@ -240,3 +240,26 @@ def test_without_the_dev_extra_the_dev_commands_say_which_extra_to_install(comma
     assert run.returncode == 2, run.stderr[-2000:]
     assert "pip install 'whiskypay-workers[dev]'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+#: Small helpers written once (keys.py): a module of ours that defines its own copy under one of these names, or
+#: a second re-drive script, fails here. (keys.text: a Redis reply as text; keys.iso_ms: a unix-ms time as
+#: "2026-12-01T21:30:00.123Z"; dead_letters.REDRIVE_LUA: a dead letter onto its queue or into its replay lane.)
+WRITTEN_ONCE = {"_text": None, "text": "whiskypay.keys", "iso_ms": "whiskypay.keys", "iso_time": None,
+                "REDRIVE_LUA": "whiskypay.dead_letters", "REDRIVE_TO_LANE_LUA": None}
+
+
+def test_the_small_helpers_and_the_redrive_script_are_defined_once() -> None:
+    # Given every module's top-level definitions
+    found: dict[str, list[str]] = {}
+    for path in source_files():
+        for node in ast.parse(path.read_text()).body:
+            names = [node.name] if isinstance(node, ast.FunctionDef) else (
+                [t.id for t in node.targets if isinstance(t, ast.Name)] if isinstance(node, ast.Assign) else [])
+            for name in names:
+                if name in WRITTEN_ONCE:
+                    found.setdefault(name, []).append(module_name(path))
+    # Then each is defined in its one home, or nowhere
+    assert {name: homes for name, homes in found.items()} == {
+        name: [home] for name, home in WRITTEN_ONCE.items() if home is not None
+    }

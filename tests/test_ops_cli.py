@@ -87,7 +87,7 @@ def test_a_dead_letter_shows_host_attempts_error_and_a_masked_buyer_only() -> No
     assert summary["callback_host"] == "shop.example"
     assert summary["attempts"] == 5
     assert summary["buyer"] == "b***@example.com"
-    assert summary["failed_at_ms"] == 1_780_000_000_000 and summary["failed_at"] == "2026-05-28T20:26:40Z"
+    assert summary["failed_at_ms"] == 1_780_000_000_000 and summary["failed_at"] == "2026-05-28T20:26:40.000Z"
     assert summary["last_error"] == "HttpStatusError: HTTP 503 from shop.example"
     assert BUYER not in json.dumps(summary) and "SECRET-TOKEN" not in json.dumps(summary)
 
@@ -279,7 +279,7 @@ def test_status_counts_dead_letters_failures_and_completions_from_real_workers(
     )
     callbacks = queues["callbackQueue"]
     assert callbacks["waiting"] == 0 and callbacks["delayed"] == 0 and callbacks["in_flight"] == 0
-    since = time.mktime(time.strptime(callbacks["counting_since"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    since = time.mktime(time.strptime(callbacks["counting_since"], "%Y-%m-%dT%H:%M:%S.000Z")) - time.timezone
     assert before - 2 <= since <= time.time() + 1
     assert queues["emailQueue"]["completed"] == 0
     # And the installed console script says the same, as a subprocess with the test environment

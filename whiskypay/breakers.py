@@ -323,9 +323,6 @@ return 0
 """
 
 
-def _text(value: object) -> str:
-    return keys.text(value)
-
 
 @dataclass(frozen=True)
 class FailResult:
@@ -396,7 +393,7 @@ class BreakerStore:
         self, merchant: str, *, redis_id: str, data: bytes, score: int, host: str, queue: str, force: bool = False
     ) -> str:
         """Park a fetched message if merchant's breaker is open (or force); return "parked", "probe" or "closed"."""
-        return _text(self._scripts["park"](
+        return keys.text(self._scripts["park"](
             keys=self._park_keys(merchant), args=[merchant, redis_id, data, score, host, queue, "1" if force else "0"]
         ))
 
@@ -443,10 +440,10 @@ class BreakerStore:
         reply = self._scripts["expired"](keys=names, args=[limit_ms, check_interval_ms, batch])
         if not reply:
             return None
-        now, since, reported = int(reply[0]), _text(reply[1]), _text(reply[2])
+        now, since, reported = int(reply[0]), keys.text(reply[1]), keys.text(reply[2])
         rows = reply[3:]
         found = [
-            Expired(_text(rows[i]), rows[i + 1], int(float(rows[i + 2]))) for i in range(0, len(rows), 3)
+            Expired(keys.text(rows[i]), rows[i + 1], int(float(rows[i + 2]))) for i in range(0, len(rows), 3)
         ]
         return now, int(since) if since else None, int(reported) if reported else None, found
 
@@ -472,19 +469,19 @@ class BreakerStore:
         )
         found: dict[str, Breaker] = {}
         for i in range(0, len(reply), 3):
-            merchant = _text(reply[i])
+            merchant = keys.text(reply[i])
             raw = reply[i + 1]
             if isinstance(raw, dict):  # RESP3 answers a map
-                fields = {_text(k): _text(v) for k, v in raw.items()}
+                fields = {keys.text(k): keys.text(v) for k, v in raw.items()}
             else:
-                fields = {_text(raw[j]): _text(raw[j + 1]) for j in range(0, len(raw), 2)}
+                fields = {keys.text(raw[j]): keys.text(raw[j + 1]) for j in range(0, len(raw), 2)}
             found[merchant] = Breaker.of(merchant, fields, parked=int(reply[i + 2]))
         return found
 
     def operate(self, merchant: str, action: str, *, queue: str) -> str:
         """Open (hold) or close merchant's breaker by hand; return its previous state (open, closed or none)."""
         ns = self.namespace
-        return _text(self._scripts["operate"](
+        return keys.text(self._scripts["operate"](
             keys=[keys.breaker(ns, merchant), keys.breaker_index(ns)], args=[merchant, action, self.channel, queue]
         ))
 
@@ -549,7 +546,7 @@ class BreakerView:
 
     def apply(self, announcement: bytes | str, *, now_ms: int, probe_interval_ms: int) -> None:
         """Apply one "<state> <merchant>" announcement from `keys.breaker_channel`."""
-        kind, _, merchant = _text(announcement).partition(" ")
+        kind, _, merchant = keys.text(announcement).partition(" ")
         if not merchant:
             return
         if kind == "open":

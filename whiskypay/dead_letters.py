@@ -12,7 +12,6 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from whiskypay import keys
@@ -87,13 +86,6 @@ _POSITIONAL = {
     "send_email": ("buyer_email", "merchant_email"),
 }
 
-
-
-def iso_time(ms: int | None) -> str | None:
-    """Return "2026-11-28T00:30:12Z" for a unix time in milliseconds, or None."""
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def encode_message(message: dict[str, Any]) -> bytes:
@@ -208,7 +200,7 @@ class DeadLetter:
             "message_id": self.message_id,
             "actor": self.actor,
             "queue": self.queue,
-            "failed_at": iso_time(self.failed_at_ms),
+            "failed_at": keys.iso_ms(self.failed_at_ms),
             "failed_at_ms": self.failed_at_ms,
             "attempts": self.attempts,
             "last_error": self.error,

@@ -88,6 +88,20 @@ def text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def iso_ms(ms: int | None) -> str | None:
+    """Return "2026-12-01T21:30:00.123Z" (UTC, millisecond precision) for unix milliseconds, or None.
+
+    Every time in this layout is unix ms; this is how each reads wherever it is shown (CLI, JSON, console, the
+    breaker's park reason). Milliseconds, not seconds: two attempts of one payment within a second still read
+    apart and in order.
+    """
+    if ms is None:
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
 # Dramatiq's layout.
 
 

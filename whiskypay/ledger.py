@@ -265,9 +265,6 @@ class LedgerConfig:
     max_payments: int
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 def _kwarg(message: Message[Any] | Any, name: str) -> str | None:
     value = (message.kwargs or {}).get(name)
@@ -608,7 +605,7 @@ class LedgerWriter:
         except redis.exceptions.NoScriptError:
             self.client.script_load(LEDGER_BATCH_LUA)
             replies = self.client.evalsha(self.batch_sha, 0, *args)
-        return [_text(reply) if isinstance(reply, bytes) else reply for reply in replies]
+        return [keys.text(reply) if isinstance(reply, bytes) else reply for reply in replies]
 
     def queue(self, pipe: Any, op: LedgerOp, *, data: bytes | str = b"") -> None:
         """Queue op on pipe (the script is loaded into Redis first, once per writer); its reply is the script's.
@@ -670,12 +667,6 @@ def set_job_state(client: redis.Redis, config: LedgerConfig, message: Message[An
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def iso_ms(ms: int | None) -> str | None:
-    """Return "2026-12-01T21:30:00.123Z" for unix milliseconds, or None."""
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
 
 @dataclass
 class Payment:
@@ -728,7 +719,7 @@ class Payment:
 
     def _attempt(self, row: dict[str, Any], code_name: str) -> dict[str, Any]:
         attempt: dict[str, Any] = {
-            "attempt": row.get("n"), "at": iso_ms(row.get("at")), "outcome": row.get("o"),
+            "attempt": row.get("n"), "at": keys.iso_ms(row.get("at")), "outcome": row.get("o"),
             code_name: row.get("c"), "duration_ms": row.get("ms"), "error": row.get("err"),
         }
         if code_name == "http_status":
@@ -773,7 +764,7 @@ class Payment:
         """The object `whiskypay event --json` prints."""
         return {
             "event_id": self.event_id, "merchant_id": self.merchant_id, "webhook": self.webhook(),
-            "emails": self.emails(), "created_at": iso_ms(self.created_ms),
+            "emails": self.emails(), "created_at": keys.iso_ms(self.created_ms),
         }
 
     def missing(self) -> list[str]:
@@ -805,7 +796,7 @@ class Payment:
 
 
 def _decode_hash(raw: dict[Any, Any]) -> dict[str, str]:
-    return {_text(key): _text(value) for key, value in raw.items()}
+    return {keys.text(key): keys.text(value) for key, value in raw.items()}
 
 
 def load_payments(client: redis.Redis, namespace: str, pids: Sequence[str]) -> list[Payment]:
@@ -827,7 +818,7 @@ def load_payments(client: redis.Redis, namespace: str, pids: Sequence[str]) -> l
                 decoded.append(json.loads(raw))
             except ValueError:
                 continue
-        payments.append(Payment(pid, _decode_hash(fields), decoded, _text(stored) if stored is not None else None))
+        payments.append(Payment(pid, _decode_hash(fields), decoded, keys.text(stored) if stored is not None else None))
     return payments
 
 
@@ -840,7 +831,7 @@ def resolve(client: redis.Redis, namespace: str, ident: str, merchant: str | Non
     if merchant is not None:
         candidates = [payment_id(event_id=ident, merchant_id=merchant, message_id="")]
     else:
-        candidates = sorted(_text(pid) for pid in client.hkeys(event_index_key(namespace, ident)))
+        candidates = sorted(keys.text(pid) for pid in client.hkeys(event_index_key(namespace, ident)))
     message_id = ident.removeprefix("msg_")
     pipe = client.pipeline(transaction=False)
     pipe.get(message_index_key(namespace, message_id))
@@ -851,8 +842,8 @@ def resolve(client: redis.Redis, namespace: str, ident: str, merchant: str | Non
     by_message, by_webhook, standalone, *exists = pipe.execute()
     found = [pid for pid, present in zip(candidates, exists, strict=True) if present]
     for extra in (by_message, by_webhook):
-        if extra is not None and _text(extra) not in found:
-            found.append(_text(extra))
+        if extra is not None and keys.text(extra) not in found:
+            found.append(keys.text(extra))
     if standalone and f"m:{message_id}" not in found:
         found.append(f"m:{message_id}")
     return found
@@ -861,7 +852,7 @@ def resolve(client: redis.Redis, namespace: str, ident: str, merchant: str | Non
 def merchant_payments(client: redis.Redis, namespace: str, merchant_id: str, *, start: int = 0,
                       num: int = 50) -> list[str]:  # fmt: skip
     """Return num of merchant_id's payment ids, newest first (by first-seen time), from rank start."""
-    return [_text(pid) for pid in client.zrevrange(merchant_index_key(namespace, merchant_id), start,
+    return [keys.text(pid) for pid in client.zrevrange(merchant_index_key(namespace, merchant_id), start,
                                                     start + num - 1)]  # fmt: skip
 
 
@@ -872,7 +863,7 @@ def iter_payments(
     offset = 0
     low = since_ms if since_ms is not None else "-inf"
     while True:
-        pids = [_text(pid) for pid in client.zrevrangebyscore(time_index_key(namespace), "+inf", low,
+        pids = [keys.text(pid) for pid in client.zrevrangebyscore(time_index_key(namespace), "+inf", low,
                                                               start=offset, num=batch)]
         if not pids:
             return
@@ -942,7 +933,7 @@ def forget_address(client: redis.Redis, namespace: str, address: str, *, dry_run
     scrubbed (masked) when recorded. Found through the address index: no SCAN.
     """
     key = address_index_key(namespace, address)
-    pids = sorted(_text(pid) for pid in client.hkeys(key))
+    pids = sorted(keys.text(pid) for pid in client.hkeys(key))
     masked = mask_address(address)
     touched = 0
     digest = keys.address_digest(address)

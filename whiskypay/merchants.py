@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from whiskypay.errors import DeliveryError, HttpStatusError
+from whiskypay.keys import iso_ms
 from whiskypay.redaction import url_host
 
 #: HTTP statuses outside 5xx that count as the merchant being unreachable.
@@ -51,12 +51,6 @@ def is_outage(exception: BaseException) -> bool:
         return isinstance(status, int) and (status >= 500 or status in OUTAGE_STATUSES)
     return isinstance(exception, DeliveryError)
 
-
-def iso_ms(ms: int | None) -> str | None:
-    """Return "2026-11-28T00:30:12Z" for unix milliseconds, or None."""
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def park_limit_reason(merchant: str, *, parked_at_ms: int, since_ms: int | None, limit_ms: int, now_ms: int) -> str:

@@ -26,7 +26,6 @@ from whiskypay.dead_letters import (
     DeadLetter,
     dead_letter_count,
     encode_message,
-    iso_time,
     iter_dead_letters,
     redrive_paced,
 )
@@ -115,7 +114,7 @@ class QueueStatus:
             "completed": self.completed,
             "failed": self.failed,
             "parked": self.parked,
-            "counting_since": iso_time(self.counting_since_ms),
+            "counting_since": keys.iso_ms(self.counting_since_ms),
         }
 
 

@@ -25,7 +25,6 @@ from whiskypay.dead_letters import (
     dead_letter_count,
     decode_dead_letter,
     delete_dead_letter,
-    iso_time,
     iter_dead_letters,
 )
 from whiskypay.queue_stats import queue_counts
@@ -67,9 +66,6 @@ def ledger() -> ModuleType | None:
         return None
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 def _percentile(values: list[int], fraction: float) -> int | None:
     if not values:
@@ -109,7 +105,7 @@ def latency(client: redis.Redis, namespace: str) -> dict[str, Any] | None:
     module = ledger()
     if module is None:
         return None
-    pids = [_text(pid) for pid in client.zrevrange(module.time_index_key(namespace), 0, LATENCY_SAMPLE - 1)]
+    pids = [keys.text(pid) for pid in client.zrevrange(module.time_index_key(namespace), 0, LATENCY_SAMPLE - 1)]
     samples = []
     for payment in module.load_payments(client, namespace, pids):
         if payment.webhook_state != "delivered":
@@ -171,7 +167,7 @@ def merchants(
 
     for queue in queues:
         for field, value in client.hgetall(keys.merchant_outcome_counters(namespace, queue)).items():
-            outcome, _, merchant = _text(field).partition(":")
+            outcome, _, merchant = keys.text(field).partition(":")
             if merchant and outcome in ("completed", "failed"):
                 entry(merchant)["delivered" if outcome == "completed" else "dead_lettered"] += int(value)
     for breaker in BreakerStore(client, namespace).snapshot().values():
@@ -180,7 +176,7 @@ def merchants(
                     "last_error": breaker.last_error, "since_ms": breaker.since_ms, "held": breaker.held,
                     "host": breaker.host})  # fmt: skip
     for row in found.values():  # the fields of `whiskypay merchants --json`, and the counters'
-        row["since"] = iso_time(row["since_ms"])
+        row["since"] = keys.iso_ms(row["since_ms"])
         total = row["delivered"] + row["dead_lettered"]
         row["deliveries"] = total
         row["failure_rate"] = round(row["dead_lettered"] / total, 4) if total else None
@@ -232,21 +228,21 @@ def events(client: redis.Redis, namespace: str, *, query: str = "", merchant: st
     # A merchant's payments have their own index (newest first), so only a state filter looks at entries one by one.
     index = module.merchant_index_key(namespace, merchant) if merchant else module.time_index_key(namespace)
     if not state:
-        pids = [_text(pid) for pid in client.zrevrange(index, cursor, cursor + PAGE_SIZE - 1)]
+        pids = [keys.text(pid) for pid in client.zrevrange(index, cursor, cursor + PAGE_SIZE - 1)]
         page = [payment_row(p) for p in module.load_payments(client, namespace, pids)]
         more = len(pids) == PAGE_SIZE
         return {"available": True, "rows": page, "next": cursor + PAGE_SIZE if more else None, "scanned": len(pids)}
     rows: list[dict[str, Any]] = []
     position, batch = cursor, 500
     while position - cursor < scan:
-        pids = [_text(pid) for pid in client.zrevrange(index, position, position + min(batch, scan) - 1)]
+        pids = [keys.text(pid) for pid in client.zrevrange(index, position, position + min(batch, scan) - 1)]
         if not pids:
             return {"available": True, "rows": rows, "next": None, "scanned": position - cursor}
         # First only the fields that give the payments' states, then the whole of those that match.
         pipe = client.pipeline(transaction=False)
         for pid in pids:
             pipe.hmget(module.payment_key(namespace, pid), STATE_FIELDS)
-        heads = [module.Payment(pid, {name: _text(v) for name, v in zip(STATE_FIELDS, values, strict=True)
+        heads = [module.Payment(pid, {name: keys.text(v) for name, v in zip(STATE_FIELDS, values, strict=True)
                                       if v is not None})
                  for pid, values in zip(pids, pipe.execute(), strict=True) if any(values)]  # fmt: skip
         for offset, head in enumerate(heads):
