@@ -18,7 +18,7 @@ import functools
 import os
 import re
 import ssl
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -38,6 +38,9 @@ from whiskypay.errors import ConfigurationError
 from whiskypay.queues import Queue
 from whiskypay.retrying import DEFAULT_POLICIES, MAX_DELAY_MS, RetryPolicy, parse_schedule_ms
 from whiskypay.signing import parse_webhook_secrets
+
+if TYPE_CHECKING:
+    from sentry_sdk.utils import Dsn
 
 __all__ = [
     "ENV_PREFIX", "MAX_DELAY_MS", "ConfigurationError", "QueueRetry", "Settings", "WebhookSecret", "get_settings",
@@ -147,6 +150,36 @@ def check_redis_url(url: str) -> None:
         raise ValueError(REDIS_URL_FIX) from None
     if url.startswith(("redis://", "rediss://")) and "@" in parts.path + parts.query + parts.fragment:
         raise ValueError(REDIS_URL_FIX)
+
+
+#: The fix-it line of a malformed WHISKYPAY_SENTRY_DSN.
+SENTRY_DSN_FIX = "copy the DSN again from Sentry: https://<key>@<host>/<project id>"
+
+#: sentry-sdk's BadDsn texts (which quote parts of the DSN) by their start, and what we say instead.
+_DSN_PROBLEMS = (
+    ("Unsupported scheme", "its scheme is not http or https"),
+    ("Missing hostname", "it has no host"),
+    ("Missing public key", "it has no key before the @"),
+    ("Invalid project", "it does not end with a numeric project id"),
+)
+
+
+def parse_sentry_dsn(dsn: str) -> Dsn:
+    """Return sentry-sdk's own parse of dsn, or raise ValueError saying what is wrong without quoting any of it.
+
+    The one DSN parser: settings refuse a malformed WHISKYPAY_SENTRY_DSN with it at start, and `whiskypay check`
+    shows its host and project with it. sentry-sdk is imported here, on first use, so that a process without a
+    DSN never loads it.
+    """
+    from sentry_sdk.utils import BadDsn, Dsn
+
+    try:
+        return Dsn(dsn)
+    except BadDsn as exc:  # its text quotes the scheme or the path
+        reason = next((why for start, why in _DSN_PROBLEMS if str(exc).startswith(start)), "it does not parse")
+    except ValueError:  # urllib's, for a port that is not a number or a broken IPv6 literal: it quotes them
+        reason = "its host or port does not parse"
+    raise ValueError(f"is not a Sentry DSN ({reason}); {SENTRY_DSN_FIX}") from None
 
 
 class Settings(BaseSettings):
@@ -329,6 +362,13 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url_parses(cls, value: SecretStr) -> SecretStr:
         check_redis_url(value.get_secret_value())
+        return value
+
+    @field_validator("sentry_dsn")
+    @classmethod
+    def _sentry_dsn_parses(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_sentry_dsn(value.get_secret_value())
         return value
 
     @model_validator(mode="after")

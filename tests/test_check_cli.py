@@ -73,15 +73,26 @@ def test_an_unreachable_smtp_relay_fails_the_check_with_a_clear_line_and_no_secr
         assert secret not in out
 
 
-def test_a_volatile_redis_a_malformed_dsn_and_no_secret_fail(capsys: pytest.CaptureFixture[str], smtp_sink) -> None:
+def test_a_volatile_redis_and_no_secret_fail(capsys: pytest.CaptureFixture[str], smtp_sink) -> None:
     with RedisServer() as volatile:
         status, out = run_check(capsys, redis_url=volatile.url, smtp_host=smtp_sink.host, smtp_port=smtp_sink.port,
-                                mail_from="payments@whiskypay.test", webhook_secret=None, sentry_dsn="not-a-dsn")
+                                mail_from="payments@whiskypay.test", webhook_secret=None)
     assert status == 1
     found = rows(out)
     assert found["redis persistence"] == "failed" and found["webhook signing keys"] == "failed"
-    assert found["sentry dsn"] == "failed"
     assert "failed: redis persistence: turn on AOF: appendonly yes" in out
+
+
+def test_a_malformed_dsn_fails_the_settings_row_as_the_workers_refuse_to_start(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given a DSN with no project id (the one parser the settings and the check share refuses it)
+    status, out = run_check(capsys, sentry_dsn=f"https://{SENTRY_KEY}@o1.ingest.sentry.io/")
+    # Then the check fails at the settings, as a worker would at its start, naming the variable but not the DSN
+    assert status == 1
+    assert rows(out) == {"settings": "failed"}
+    assert "WHISKYPAY_SENTRY_DSN: is not a Sentry DSN (it does not end with a numeric project id)" in out
+    assert SENTRY_KEY not in out and "o1.ingest" not in out
 
 
 def test_the_sentinel_topology_is_shown_when_configured(
@@ -114,5 +125,5 @@ def test_a_dsn_that_urllib_cannot_split_is_a_failed_row_not_a_traceback(dsn: str
     from whiskypay.cli.check import sentry_check
 
     row = sentry_check(cast(Any, SimpleNamespace(sentry_dsn=SecretStr(dsn))))
-    assert row.result == "failed" and row.detail.startswith("malformed")
-    assert SENTRY_KEY not in row.detail
+    assert row.result == "failed" and row.detail == "malformed: is not a Sentry DSN (its host or port does not parse)"
+    assert SENTRY_KEY not in row.detail + row.fix

@@ -266,3 +266,36 @@ def test_a_redis_url_with_an_unencoded_special_character_is_refused_without_quot
 def test_a_well_formed_redis_url_is_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setenv("WHISKYPAY_REDIS_URL", url)
     assert load_settings().redis_url.get_secret_value() == url
+
+
+@pytest.mark.parametrize(
+    ("dsn", "reason"),
+    [
+        ("TOPSECRET42", "its scheme is not http or https"),
+        ("ftp://TOPSECRET42@o1.ingest.sentry.io/42", "its scheme is not http or https"),
+        ("https://o1.ingest.sentry.io/42", "it has no key before the @"),
+        ("https://TOPSECRET42@o1.ingest.sentry.io/", "it does not end with a numeric project id"),
+        ("https://TOPSECRET42@o1.ingest.sentry.io/TOPSECRET42", "it does not end with a numeric project id"),
+        ("https://TOPSECRET42@o1.ingest.sentry.io:TOPSECRET42/42", "its host or port does not parse"),
+        ("https://TOPSECRET42@[::1/42", "its host or port does not parse"),
+    ],
+    ids=["no-url", "scheme", "no-key", "no-project", "bad-project", "bad-port", "bad-ipv6"],
+)
+def test_a_malformed_sentry_dsn_stops_loading_naming_the_variable_never_the_dsn_or_its_key(
+    monkeypatch: pytest.MonkeyPatch, dsn: str, reason: str
+) -> None:
+    # Given a WHISKYPAY_SENTRY_DSN that sentry-sdk's parser refuses (sentry-sdk would otherwise drop every event)
+    monkeypatch.setenv("WHISKYPAY_SENTRY_DSN", dsn)
+    # When the settings are loaded, as at every process's start
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    # Then it stops, naming the variable and what is wrong, with none of the value (nor the key in it)
+    text = str(caught.value)
+    assert f"WHISKYPAY_SENTRY_DSN: is not a Sentry DSN ({reason})" in text
+    assert "TOPSECRET42" not in text and "o1.ingest" not in text and "::1" not in text
+
+
+def test_a_well_formed_sentry_dsn_loads() -> None:
+    settings = load_settings(sentry_dsn="https://f3e1c0ffee@o1.ingest.sentry.io/42")
+    assert settings.sentry_dsn is not None
+    assert settings.sentry_dsn.get_secret_value() == "https://f3e1c0ffee@o1.ingest.sentry.io/42"

@@ -158,17 +158,16 @@ def signing_checks(settings: Settings) -> Iterator[Check]:
 
 
 def sentry_check(settings: Settings) -> Check:
-    """The DSN parses (sentry_sdk's own parser); only its host and project are shown."""
+    """The DSN parses (`settings.parse_sentry_dsn`, the settings' own check); only its host and project are shown."""
     if settings.sentry_dsn is None:
         return Check("sentry dsn", "warning", "not set: dead-lettered jobs are not reported",
                      "set WHISKYPAY_SENTRY_DSN to your project's DSN")
-    from sentry_sdk.utils import BadDsn, Dsn
+    from settings import SENTRY_DSN_FIX, parse_sentry_dsn
 
     try:
-        dsn = Dsn(settings.sentry_dsn.get_secret_value())
-    except (BadDsn, ValueError) as exc:  # urllib's own ValueError for a bad port or IPv6 literal
-        return Check("sentry dsn", "failed", f"malformed ({exc})",
-                     "copy the DSN again from Sentry: https://<key>@<host>/<project id>")
+        dsn = parse_sentry_dsn(settings.sentry_dsn.get_secret_value())
+    except ValueError as exc:  # the settings refuse it at start too: this is for settings built otherwise
+        return Check("sentry dsn", "failed", f"malformed: {exc}".replace(f"; {SENTRY_DSN_FIX}", ""), SENTRY_DSN_FIX)
     return Check("sentry dsn", "ok", f"{dsn.scheme}://{dsn.host}, project {dsn.project_id}")
 
 
