@@ -53,6 +53,12 @@ def send_email(
     waiting out transient Redis errors (OOM, READONLY, a restart): a Redis failure after the relay accepted an
     email can delay the job but never sends that email again. The marker is removed only when the relay refused
     the email or the connection failed, so that the next attempt sends it.
+
+    Each SMTP exchange ends within WHISKYPAY_SMTP_TIMEOUT_S (`whiskypay.smtp.smtp_exchange`). An exchange cut off
+    at that deadline (`SmtpTimedOut`) counts as a failed connection: the marker is removed and the next attempt
+    sends the email. Cut off after the data but before the relay's reply, it is the same ambiguous case as a
+    connection dropped there (the relay may have accepted the email): the recipient may get a second copy, as
+    before; only a kill or a time limit (not an Exception) keeps "sending" and so sends nothing more.
     """
     broker = dramatiq.get_broker()
     smtp = middleware_of(broker, SmtpClients)
@@ -95,9 +101,10 @@ def send_email(
         except Exception as exc:
             note_attempt(role, "failed", code=getattr(exc, "tags", {}).get("smtp_code"), error=exc,
                          duration_ms=(time.perf_counter() - started) * 1000)
-            # The relay refused it or the connection failed (SmtpTemporaryError, SmtpPermanentError): it was not
-            # accepted, so the next attempt may send it. A time limit or a kill (not an Exception) keeps the
-            # marker: the exchange may have reached the 250.
+            # The relay refused it or the connection failed or was cut off at its deadline (SmtpTemporaryError,
+            # SmtpTimedOut, SmtpPermanentError): taken as not accepted, so the next attempt may send it (after the
+            # data that is a guess, as for a connection dropped there; see the docstring). A time limit or a kill
+            # (not an Exception) keeps the marker: the exchange may have reached the 250.
             if client:
                 call_through_transient(partial(client.delete, marker), what=what, logger=logger)
             raise

@@ -1,4 +1,8 @@
-"""SmtpClients: one SMTP connection per worker thread, reused across messages and reopened when dropped."""
+"""SmtpClients: one SMTP connection per worker thread, reused across messages and reopened when dropped.
+
+Each exchange with the relay (opening a connection, sending one email, QUIT) ends within the relay's timeout_s
+(`whiskypay.smtp.smtp_exchange`, on this middleware's `Watchdog`), however slowly the relay answers.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,23 @@ from email.message import EmailMessage
 from dramatiq import Broker, Middleware, Worker
 from dramatiq.logging import get_logger
 
-from whiskypay.errors import WorkerStartRefused
+from whiskypay.deadline import Watchdog
+from whiskypay.errors import SmtpTimedOut, WorkerStartRefused
 from whiskypay.queues import Queue, consumes
-from whiskypay.smtp import SmtpRelay, classify_smtp_error, open_smtp
+from whiskypay.smtp import SmtpRelay, classify_smtp_error, open_smtp, quit_smtp, send_over
 
 
 class SmtpClients(Middleware):
     """Own this worker process's SMTP connections and send emails over them.
 
     A connection the server dropped (idle timeout, restart) is reopened once, transparently; any other failure
-    is raised as SmtpPermanentError (5xx) or SmtpTemporaryError. A worker that consumes emailQueue refuses to
-    start without a sender address.
+    is raised as SmtpPermanentError (5xx) or SmtpTemporaryError. An exchange cut off at its deadline raises
+    `SmtpTimedOut` (a SmtpTemporaryError) and is not tried again on a new connection: one send() takes at most
+    twice the timeout on a fresh connection, three times when a reused one was dropped and reopened. A worker
+    that consumes emailQueue refuses to start without a sender address.
 
     Parameters:
-      relay: The SMTP relay (host, port, TLS mode, credentials, timeout, CA file).
+      relay: The SMTP relay (host, port, TLS mode, credentials, timeout: the deadline of each exchange, CA file).
       mail_from: The envelope and From address.
     """
 
@@ -34,6 +41,7 @@ class SmtpClients(Middleware):
         self._local = threading.local()
         self._connections: list[smtplib.SMTP] = []
         self._lock = threading.Lock()
+        self.watchdog = Watchdog()
 
     def __repr__(self) -> str:
         return f"SmtpClients(host={self.relay.host!r}, port={self.relay.port})"
@@ -46,7 +54,7 @@ class SmtpClients(Middleware):
             )
 
     def _connect(self) -> smtplib.SMTP:
-        conn = open_smtp(self.relay)
+        conn = open_smtp(self.relay, watchdog=self.watchdog)
         self._local.conn = conn
         with self._lock:
             self._connections.append(conn)
@@ -70,7 +78,12 @@ class SmtpClients(Middleware):
         if conn is None:
             conn = self._connect()
         try:
-            conn.send_message(email, from_addr=self.mail_from)
+            send_over(conn, email, mail_from=self.mail_from, relay=self.relay, watchdog=self.watchdog)
+        except SmtpTimedOut:
+            # Cut off at the deadline: no second try on a new connection (the deadline bounds the send), and
+            # after the data the relay may have taken it: the caller treats it as a dropped connection.
+            self._drop(conn)
+            raise
         except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
             self._drop(conn)
             if fresh:
@@ -78,7 +91,10 @@ class SmtpClients(Middleware):
             self.logger.debug("SMTP connection to %s was closed; reconnecting.", self.host)
             conn = self._connect()
             try:
-                conn.send_message(email, from_addr=self.mail_from)
+                send_over(conn, email, mail_from=self.mail_from, relay=self.relay, watchdog=self.watchdog)
+            except SmtpTimedOut:
+                self._drop(conn)
+                raise
             except (smtplib.SMTPException, OSError) as retry_exc:
                 self._drop(conn)
                 raise classify_smtp_error(retry_exc, host=self.host) from None
@@ -91,7 +107,5 @@ class SmtpClients(Middleware):
         with self._lock:
             connections, self._connections = self._connections, []
         for conn in connections:
-            try:
-                conn.quit()
-            except (smtplib.SMTPException, OSError):
-                conn.close()
+            quit_smtp(conn, self.relay, watchdog=self.watchdog)
+        self.watchdog.stop()

@@ -8,6 +8,9 @@ long as it likes. Here each attempt runs inside an `AttemptScope`. The connectio
 returns at once, and the attempt fails as timed out. Name resolution runs against the same deadline
 (`whiskypay.netguard.resolve_within`), so a slow resolver cannot stretch an attempt either.
 
+SMTP uses the same mechanism (`whiskypay.smtp.smtp_exchange`): each exchange with the relay is one attempt, its
+socket handed over as the connection opens (or, for a reused connection, as the exchange starts).
+
 The watchdog shuts down a duplicate of the socket's file descriptor, owned by the scope until the attempt ends:
 shutdown acts on the connection shared by both descriptors, and a descriptor number reused by another thread's
 socket in the meantime can never be hit.
@@ -108,7 +111,7 @@ class Watchdog:
     attempt ends at most tick_s after its deadline; once none has been open for linger_s it sleeps until the next
     one. A new attempt wakes it only from that sleep: waking it for every attempt (a thread switch each time)
     cost a tenth of a busy worker's CPU per webhook (BENCHMARKS.md). It starts with the first attempt and stops
-    with `stop()` (HttpClients calls it at worker shutdown).
+    with `stop()` (HttpClients and SmtpClients, which have one each, call it at worker shutdown).
 
     Parameters:
       tick_s: How often open attempts are checked, in seconds.

@@ -21,6 +21,7 @@
     ├── DeliveryError             one webhook attempt failed; retried by the queue's policy
     │   └── HttpStatusError       the merchant answered something other than 2xx
     └── SmtpTemporaryError        an SMTP 4xx reply or a lost connection; retried
+        └── SmtpTimedOut          an SMTP exchange passed its deadline (WHISKYPAY_SMTP_TIMEOUT_S) and was cut off
 
 The MiddlewareErrors follow Dramatiq's contract: raised from a `before_*` hook, they make `send()` (or the
 worker's start) fail, where any other exception would be logged and ignored; Parked is one too, so that raised
@@ -161,6 +162,13 @@ class HttpStatusError(DeliveryError):
 
 class SmtpTemporaryError(WhiskyPayError, Retry):
     """An SMTP 4xx reply, a timeout or a dropped connection: worth another attempt."""
+
+
+class SmtpTimedOut(SmtpTemporaryError):
+    """An exchange with the relay passed its deadline and was cut off (`whiskypay.smtp.smtp_exchange`).
+
+    Cut off after the data, it is as ambiguous as a connection dropped there: the relay may have accepted the email.
+    """
 
 
 class Parked(WhiskyPayError, Retry, MiddlewareError):

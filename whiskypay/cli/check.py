@@ -10,7 +10,6 @@ have their password replaced, the DSN shows only its host and project.
 from __future__ import annotations
 
 import argparse
-import smtplib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -117,10 +116,11 @@ def sentinel_checks(settings: Settings) -> Iterator[Check]:
 
 
 def smtp_check(settings: Settings) -> Check:
-    """Connect to the relay, EHLO, STARTTLS or TLS as configured, AUTH when credentials are set, QUIT."""
+    """Connect to the relay, EHLO, STARTTLS or TLS as configured, AUTH when credentials are set, QUIT (each within
+    WHISKYPAY_SMTP_TIMEOUT_S in all, `whiskypay.smtp.smtp_exchange`)."""
     from whiskypay.broker import smtp_relay
     from whiskypay.errors import WhiskyPayError
-    from whiskypay.smtp import open_smtp
+    from whiskypay.smtp import open_smtp, quit_smtp
 
     where = f"{settings.smtp_host}:{settings.smtp_port} (tls {settings.smtp_tls})"
     try:
@@ -128,15 +128,9 @@ def smtp_check(settings: Settings) -> Check:
     except WhiskyPayError as exc:
         return Check("smtp relay", "failed", f"{where}: {exc}",
                      "check WHISKYPAY_SMTP_HOST/_PORT/_TLS (and _USERNAME/_PASSWORD), and that the relay accepts us")
-    try:
-        conn.ehlo_or_helo_if_needed()
-        steps = ["EHLO"] + (["STARTTLS"] if settings.smtp_tls == "starttls" else []) + (
-            ["AUTH"] if settings.smtp_username else [])
-    finally:
-        try:
-            conn.quit()
-        except (smtplib.SMTPException, OSError):
-            conn.close()
+    steps = ["EHLO"] + (["STARTTLS"] if settings.smtp_tls == "starttls" else []) + (
+        ["AUTH"] if settings.smtp_username else [])
+    quit_smtp(conn, smtp_relay(settings))
     return Check("smtp relay", "ok", f"{where}: {', '.join(steps)} ok; no mail sent")
 
 
