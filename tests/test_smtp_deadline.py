@@ -16,8 +16,11 @@ from collections.abc import Iterator
 from email.message import EmailMessage
 
 import pytest
+import redis
 
 from middleware.smtp_client import SmtpClients
+from tests.helpers import dead_letters, wait_until
+from whiskypay import keys
 from whiskypay.errors import SmtpTemporaryError, SmtpTimedOut
 from whiskypay.smtp import SmtpRelay, open_smtp
 
@@ -35,12 +38,15 @@ class TricklingRelay:
     """A loopback SMTP-ish relay that answers at once, except the reply of stage trickle: one byte per TRICKLE_S.
 
     Stages: "greeting" (220), "ehlo", "mail", "rcpt", "data" (354), "data-reply" (the 250 after the data),
-    "quit"; None trickles nothing. `trickle` may be changed between emails. Counts connections and the
-    emails whose data arrived.
+    "quit"; None trickles nothing. `trickle` may be changed between emails, and `trickles` is how many replies
+    are trickled (None: every one). Counts connections, and records the recipients of every email whose data
+    arrived (`deliveries`).
     """
 
     def __init__(self, trickle: str | None) -> None:
         self.trickle = trickle
+        self.trickles: int | None = None
+        self.deliveries: list[tuple[str, ...]] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.stopped = threading.Event()
@@ -59,9 +65,11 @@ class TricklingRelay:
 
     def _reply(self, conn: socket.socket, stage: str, text: str) -> None:
         data = f"{text}\r\n".encode()
-        if stage != self.trickle:
+        if stage != self.trickle or self.trickles == 0:
             conn.sendall(data)
             return
+        if self.trickles is not None:
+            self.trickles -= 1
         code, rest = text[:4], text[4:]
         for byte in f"{code}{rest} {PADDING}\r\n".encode():
             if self.stopped.is_set():
@@ -74,17 +82,22 @@ class TricklingRelay:
             lines = conn.makefile("rb")
             self._reply(conn, "greeting", "220 trickle.test ESMTP")
             in_data = False
+            rcpts: list[str] = []
             for line in lines:
                 if in_data:
                     if line == b".\r\n":
                         in_data = False
                         self.data_received += 1
+                        self.deliveries.append(tuple(rcpts))
+                        rcpts = []
                         self._reply(conn, "data-reply", "250 2.0.0 queued")
                     continue
                 verb = line[:4].upper()
                 if verb in (b"EHLO", b"HELO"):
                     self._reply(conn, "ehlo", "250 trickle.test")
                 elif verb in (b"MAIL", b"RCPT"):
+                    if verb == b"RCPT":
+                        rcpts.append(line.decode().split("<", 1)[1].split(">", 1)[0])
                     self._reply(conn, verb.decode().lower(), "250 2.1.0 ok")
                 elif verb == b"DATA":
                     in_data = True
@@ -193,3 +206,34 @@ def test_a_worker_shutting_down_against_a_relay_trickling_its_quit_reply_is_not_
     started = time.monotonic()
     smtp.after_worker_shutdown(None, None)  # type: ignore[arg-type]
     assert time.monotonic() - started < TIMEOUT_S + MARGIN_S
+
+
+@pytest.mark.e2e
+def test_a_worker_whose_reply_after_the_data_is_cut_off_sends_that_email_again_as_after_a_dropped_connection(
+    relay_factory: type[TricklingRelay], start_workers, env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    # Given an email worker with a 1 s SMTP timeout and a relay that trickles its 250 after the buyer's data once
+    relay = relay_factory("data-reply")
+    relay.trickles = 1
+    worker = start_workers("--queues", "emailQueue", threads=1, env={
+        **env, "WHISKYPAY_SMTP_HOST": "127.0.0.1", "WHISKYPAY_SMTP_PORT": str(relay.port),
+        "WHISKYPAY_SMTP_TIMEOUT_S": "1", "WHISKYPAY_EMAIL_SCHEDULE": "100ms",
+    })
+    from actors import send_email
+
+    # When one email job runs
+    started = time.monotonic()
+    message = send_email.send(
+        buyer_email="buyer@example.com", merchant_email="owner@merchant.example", plan="pro", saas_name="Acme"
+    )
+    wait_until(lambda: len(relay.deliveries) >= 3, timeout_s=20, what="three deliveries")
+    elapsed = time.monotonic() - started
+    # Then the cut-off exchange failed the attempt like a dropped connection (the relay may have taken the email:
+    # the at-most-once marker only holds across kills and time limits), and the retry sent the buyer's email again
+    assert relay.deliveries == [("buyer@example.com",), ("buyer@example.com",), ("owner@merchant.example",)]
+    assert "attempt 1 failed" in worker.log()
+    assert 1.0 <= elapsed < 10, f"{elapsed:.2f} s"  # cut off at the 1 s deadline, not after the 12 s trickle
+    # And both markers now say sent: nothing more goes out, and nothing was dead-lettered
+    for role in ("buyer", "merchant"):
+        assert redis_client.get(keys.email_sent("whiskypay", message.message_id, role)) == b"sent"
+    assert dead_letters(redis_client, "emailQueue") == []
