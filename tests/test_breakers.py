@@ -52,8 +52,11 @@ def store(redis_client: redis.Redis) -> BreakerStore:
     ("kwargs", "merchant"),
     [
         ({"merchant_id": "m_1", "callback_url": "https://shop.example/h?t=1"}, "m_1"),
-        ({"callback_url": "https://Shop.Example:8443/h?t=1"}, "shop.example"),
-        ({"merchant_id": None, "callback_url": "http://[::1]:80/h"}, "::1"),
+        ({"callback_url": "https://Shop.Example.:8443/h?t=1"}, "host=shop.example"),
+        ({"callback_url": "https://B\u00fccher.example/h"}, "host=xn--bcher-kva.example"),
+        ({"merchant_id": "shop.example", "callback_url": "https://shop.example/h"}, "shop.example"),
+        ({"merchant_id": None, "callback_url": "http://[::1]:80/h"}, "host=::1"),
+        ({"callback_url": "http://[0:0:0:0:0:0:0:1]/h"}, "host=::1"),
         ({"callback_url": 3}, None),
         (None, None),
     ],
@@ -89,12 +92,12 @@ def test_the_park_limit_reason_says_since_when_the_merchant_was_unreachable() ->
 
 def test_the_local_view_follows_announcements() -> None:
     view = BreakerView()
-    view.apply(b"suspect shop-1", now_ms=1000, probe_interval_ms=500)
+    view.apply(b"suspect 8.merchant:6.shop-1", now_ms=1000, probe_interval_ms=500)
     assert view.get("shop-1") is not None and view.get("shop-1").failures == 1  # type: ignore[union-attr]
-    view.apply(b"open shop-1", now_ms=1000, probe_interval_ms=500)
+    view.apply(b"open 8.merchant:6.shop-1", now_ms=1000, probe_interval_ms=500)
     opened = view.get("shop-1")
     assert opened is not None and (opened.state, opened.next_probe_at_ms) == ("open", 1500)
-    view.apply(b"closed shop-1", now_ms=2000, probe_interval_ms=500)
+    view.apply(b"closed 8.merchant:6.shop-1", now_ms=2000, probe_interval_ms=500)
     closed = view.get("shop-1")
     assert closed is not None and (closed.state, closed.failures) == ("closed", 0)
     view.apply(b"garbage", now_ms=0, probe_interval_ms=1)
@@ -131,7 +134,7 @@ def test_failures_open_the_breaker_once_at_the_threshold_and_park_from_then_on(
         got = pubsub.get_message(timeout=0.05)
         if got and got["type"] == "message":
             heard.append(got["data"])
-    assert heard == [b"suspect shop-1", b"open shop-1"]
+    assert heard == [b"suspect 8.merchant:6.shop-1", b"open 8.merchant:6.shop-1"]
     breaker = store.snapshot()[M]
     assert (breaker.state, breaker.parked, breaker.failures, breaker.queue) == ("open", 4, 5, QUEUE)
 
@@ -328,3 +331,54 @@ def test_a_unix_ms_time_reads_as_utc_iso_with_milliseconds_everywhere(ms: int | 
 
     assert keys.iso_ms(ms) == shown
     assert merchants.iso_ms is keys.iso_ms  # the breaker's park reason and `whiskypay merchants` read it too
+
+
+@pytest.mark.parametrize("name", ["m_42", "shop.example", "a:b", "8.merchant:1.x", "host=shop.example", "host=::1"])
+def test_a_breaker_name_is_stored_as_a_tagged_length_prefixed_pair_and_reads_back(name: str) -> None:
+    member = keys.breaker_member(name)
+    assert keys.breaker_name(member) == name
+    assert member.startswith("4.host:" if name.startswith("host=") else "8.merchant:")
+
+
+def test_a_merchant_id_and_a_host_of_the_same_spelling_are_two_identities_and_old_records_are_not_read() -> None:
+    # merchant_id "shop.example" and a callback to host "shop.example" without one
+    merchant, host = merchant_of({"merchant_id": "shop.example"}), merchant_of({"callback_url": "https://shop.example/"})
+    assert (merchant, host) == ("shop.example", "host=shop.example")
+    assert keys.breaker(NAMESPACE, merchant) != keys.breaker(NAMESPACE, host)  # type: ignore[arg-type]
+    assert keys.parked(NAMESPACE, merchant) != keys.parked(NAMESPACE, host)  # type: ignore[arg-type]
+    # an untagged member (written before breakers were tagged) is no breaker name: not migrated
+    assert keys.breaker_name("shop.example") is None and keys.breaker_name("4.host:3.abc:") is None
+
+
+@pytest.mark.parametrize(
+    ("typed", "name"),
+    [("host=Shop.Example.", "host=shop.example"), ("host=[::1]", "host=::1"), ("host=0:0::1", "host=::1"),
+     ("host=B\u00fccher.example", "host=xn--bcher-kva.example"), ("Shop.Example", "Shop.Example"), ("a:b", "a:b")],
+)
+def test_an_operator_names_a_host_breaker_host_equals_and_any_spelling_of_the_host_is_the_one_breaker(
+    typed: str, name: str
+) -> None:
+    from whiskypay.merchants import operator_name
+
+    # a merchant_id is taken as typed (they are case-sensitive ids); "=" is never in one
+    assert operator_name(typed) == name
+
+
+def test_a_merchant_ids_outage_does_not_trip_the_breaker_of_the_host_of_the_same_name(store: BreakerStore) -> None:
+    # Given merchant_id "shop.example" failing past the threshold
+    for n in range(3):
+        rid, data, score = message(n)
+        store.fail("shop.example", threshold=3, probe_interval_ms=60_000, error="HttpStatusError: HTTP 503 from h",
+                   host="shop.example", queue=QUEUE, redis_id=rid, data=data, score=score)
+    # Then its breaker is open, and a callback to https://SHOP.example./ without a merchant_id is not parked
+    host = merchant_of({"callback_url": "https://SHOP.example./hook"})
+    assert host == "host=shop.example"
+    snapshot = store.snapshot()
+    assert snapshot["shop.example"].state == "open" and host not in snapshot
+    rid, data, score = message(9)
+    assert store.park(host, redis_id=rid, data=data, score=score, host="shop.example", queue=QUEUE) == "closed"
+    # And an operator holding host=shop.example holds the one host breaker, which callbacks spelled either way hit
+    assert store.operate("host=shop.example", "open", queue=QUEUE) == "none"
+    assert store.park(merchant_of({"callback_url": "https://shop.example/x"}) or "", redis_id=rid, data=data,
+                      score=score, host="shop.example", queue=QUEUE) == "parked"
+    assert set(store.snapshot()) == {"shop.example", "host=shop.example"}

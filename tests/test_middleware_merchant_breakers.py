@@ -15,6 +15,7 @@ from dramatiq.brokers.stub import StubBroker
 from middleware.merchant_breakers import MerchantBreakers
 from middleware.retry_policy import QueueRetryPolicy
 from tests.helpers import NAMESPACE
+from whiskypay import keys
 from whiskypay.breakers import BreakerStore
 from whiskypay.errors import HttpStatusError, Parked
 from whiskypay.outcomes import Outcome, classify
@@ -94,7 +95,7 @@ def test_the_attempt_that_trips_the_breaker_is_parked_without_spending_a_retry(
         broker.emit_before("process_message", fourth)
     assert classify(fourth, parked.value) == Outcome("deferred", "parked")
     after(broker, fourth, parked.value)
-    breaker = breakers.store.snapshot()["shop.example"]  # type: ignore[union-attr]
+    breaker = breakers.store.snapshot()["host=shop.example"]  # type: ignore[union-attr]
     assert (breaker.state, breaker.parked, breaker.failures) == ("open", 3, 2)
     # While a callback of another merchant, with a merchant_id, goes through untouched
     other = callback(5, merchant_id="m_other")
@@ -110,7 +111,7 @@ def test_a_reply_that_is_not_an_outage_resets_the_count(broker: StubBroker, brea
     after(broker, second, HttpStatusError("HTTP 404 from shop.example", http_status=404))
     broker.emit_before("process_message", third)
     after(broker, third, down())
-    assert breakers.store.snapshot()["shop.example"].state == "closed"  # type: ignore[union-attr]
+    assert breakers.store.snapshot()["host=shop.example"].state == "closed"  # type: ignore[union-attr]
 
 
 def test_one_failure_of_a_busy_merchant_does_not_hold_back_its_other_callbacks(redis_client: redis.Redis) -> None:
@@ -125,7 +126,7 @@ def test_one_failure_of_a_busy_merchant_does_not_hold_back_its_other_callbacks(r
     broker.emit_after("process_message", in_flight[0], exception=down())
     # Then the next one is still attempted: below half the threshold, failures in a row are no outage yet
     broker.emit_before("process_message", callback(99))
-    assert breakers.store.snapshot()["shop.example"].parked == 0
+    assert breakers.store.snapshot()["host=shop.example"].parked == 0
     broker.close()
 
 
@@ -133,8 +134,8 @@ def test_a_redis_error_reply_in_a_breaker_call_leaves_the_callback_to_the_retry_
     broker: StubBroker, breakers: MerchantBreakers, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given another program wrote a string where the merchant's breaker hash goes (WRONGTYPE on every script)
-    redis_client.set(f"{NAMESPACE}:whiskypay.breaker:shop.example", "not a hash")
-    breakers.view.update("shop.example", state="open")  # and the view says it is open
+    redis_client.set(keys.breaker(NAMESPACE, "host=shop.example"), "not a hash")
+    breakers.view.update("host=shop.example", state="open")  # and the view says it is open
     # When a callback of that merchant arrives and fails
     message = callback(1)
     broker.emit_before("process_message", message)  # not parked: it could not be
@@ -169,7 +170,7 @@ def test_a_callback_parked_on_arrival_whose_reply_was_lost_is_not_attempted_as_w
     third = callback(3)
     with pytest.raises(Parked):
         broker.emit_before("process_message", third)
-    assert breakers.store.is_parked("shop.example", "rid-3")
+    assert breakers.store.is_parked("host=shop.example", "rid-3")
 
 
 def test_a_failed_attempt_parked_whose_reply_was_lost_is_not_retried_as_well(
@@ -184,6 +185,6 @@ def test_a_failed_attempt_parked_whose_reply_was_lost_is_not_retried_as_well(
     lose_replies(breakers.store, "fail")
     # When the second fails (the script opened the breaker and parked it), then it is not retried as well
     after(broker, second, down())
-    assert breakers.store.is_parked("shop.example", "rid-2")
+    assert breakers.store.is_parked("host=shop.example", "rid-2")
     assert "retries" not in second.options and classify(second, down()) == Outcome("failed", "parked")
     assert broker.queues[f"{QUEUE}.DQ"].qsize() == 1  # only the first one's retry

@@ -378,7 +378,8 @@ class BreakerStore:
         """Count one outage failure; open at threshold; park the message (data) if the breaker is open."""
         opened, parked, failures, next_probe = self._scripts["fail"](
             keys=self._park_keys(merchant),
-            args=[merchant, threshold, probe_interval_ms, error, host, queue, redis_id, data, score, self.channel],
+            args=[keys.breaker_member(merchant), threshold, probe_interval_ms, error, host, queue, redis_id, data,
+                  score, self.channel],
         )
         return FailResult(bool(opened), bool(parked), int(failures), int(next_probe))
 
@@ -387,14 +388,16 @@ class BreakerStore:
         ns = self.namespace
         names = [keys.breaker(ns, merchant), keys.breaker_index(ns), keys.parked(ns, merchant),
                  keys.parked_at(ns, merchant)]
-        return int(self._scripts["succeed"](keys=names, args=[merchant, redis_id, self.channel]))
+        args = [keys.breaker_member(merchant), redis_id, self.channel]
+        return int(self._scripts["succeed"](keys=names, args=args))
 
     def park(
         self, merchant: str, *, redis_id: str, data: bytes, score: int, host: str, queue: str, force: bool = False
     ) -> str:
         """Park a fetched message if merchant's breaker is open (or force); return "parked", "probe" or "closed"."""
         return keys.text(self._scripts["park"](
-            keys=self._park_keys(merchant), args=[merchant, redis_id, data, score, host, queue, "1" if force else "0"]
+            keys=self._park_keys(merchant),
+            args=[keys.breaker_member(merchant), redis_id, data, score, host, queue, "1" if force else "0"],
         ))
 
     def is_parked(self, merchant: str, redis_id: str) -> bool:
@@ -426,7 +429,8 @@ class BreakerStore:
         names = [*self._park_keys(merchant), keys.replay_lane(ns, queue), keys.replay_lane_messages(ns, queue),
                  keys.messages(ns, queue)]
         moved, left = self._scripts["release"](
-            keys=names, args=[rate, batch, merchant, keys.wake_channel(ns, queue), max(batch, int(rate))]
+            keys=names,
+            args=[rate, batch, keys.breaker_member(merchant), keys.wake_channel(ns, queue), max(batch, int(rate))],
         )
         return int(moved), int(left)
 
@@ -454,7 +458,7 @@ class BreakerStore:
         ns = self.namespace
         names = [*self._park_keys(merchant), keys.dead_letters(ns, queue), keys.dead_letter_messages(ns, queue),
                  keys.outcome_counters(ns, queue), keys.merchant_outcome_counters(ns, queue)]
-        args: list[Any] = [merchant, "" if reported_since is None else reported_since]
+        args: list[Any] = [keys.breaker_member(merchant), "" if reported_since is None else reported_since]
         for redis_id, data in letters:
             merchant_id = (json.loads(data).get("kwargs") or {}).get("merchant_id")
             field = keys.merchant_outcome_field("failed", merchant_id) if isinstance(merchant_id, str) else ""
@@ -462,14 +466,16 @@ class BreakerStore:
         return int(self._scripts["dead"](keys=names, args=args))
 
     def snapshot(self) -> dict[str, Breaker]:
-        """Return every merchant's breaker with a record (one script call)."""
+        """Return every merchant's breaker with a record (one script call), by breaker name (`m_42`, `host=h`)."""
         ns = self.namespace
         reply = self._scripts["snapshot"](
-            keys=[keys.breaker_index(ns)], args=[keys.breaker(ns, ""), keys.parked(ns, "")]
+            keys=[keys.breaker_index(ns)], args=[keys.breaker_prefix(ns), keys.parked_prefix(ns)]
         )
         found: dict[str, Breaker] = {}
         for i in range(0, len(reply), 3):
-            merchant = keys.text(reply[i])
+            merchant = keys.breaker_name(keys.text(reply[i]))
+            if merchant is None:
+                continue  # a record from before breakers were tagged (not migrated: they are short-lived)
             raw = reply[i + 1]
             if isinstance(raw, dict):  # RESP3 answers a map
                 fields = {keys.text(k): keys.text(v) for k, v in raw.items()}
@@ -482,13 +488,15 @@ class BreakerStore:
         """Open (hold) or close merchant's breaker by hand; return its previous state (open, closed or none)."""
         ns = self.namespace
         return keys.text(self._scripts["operate"](
-            keys=[keys.breaker(ns, merchant), keys.breaker_index(ns)], args=[merchant, action, self.channel, queue]
+            keys=[keys.breaker(ns, merchant), keys.breaker_index(ns)],
+            args=[keys.breaker_member(merchant), action, self.channel, queue],
         ))
 
 
     def first_health_report(self, merchant: str, since_ms: int) -> bool:
         """Return True once per outage (breaker opened at since_ms): the health check reports it then."""
-        return bool(self._scripts["health"](keys=[keys.breaker(self.namespace, merchant)], args=[merchant, since_ms]))
+        names = [keys.breaker(self.namespace, merchant)]
+        return bool(self._scripts["health"](keys=names, args=[keys.breaker_member(merchant), since_ms]))
 
 
 def dead_letter_data(data: bytes, *, reason: str, failed_at_ms: int) -> bytes:
@@ -546,7 +554,8 @@ class BreakerView:
 
     def apply(self, announcement: bytes | str, *, now_ms: int, probe_interval_ms: int) -> None:
         """Apply one "<state> <merchant>" announcement from `keys.breaker_channel`."""
-        kind, _, merchant = keys.text(announcement).partition(" ")
+        kind, _, member = keys.text(announcement).partition(" ")
+        merchant = keys.breaker_name(member)
         if not merchant:
             return
         if kind == "open":

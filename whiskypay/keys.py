@@ -29,8 +29,12 @@ Ours:
   ns:whiskypay.health.tick:T   string: one run's lock of scheduled minute T ("2026-11-27T21:00Z")
   ns:wake:Q                    pub/sub channel: published by every enqueue on Q (redis_broker.ENQUEUE_LUA)
 
-Merchant breakers (`whiskypay.breakers`), merchant `M` (its merchant_id, else its callback host; always the last
-part of the key, so a merchant whose name holds ":" is still one key):
+Merchant breakers (`whiskypay.breakers`). A breaker is named by its merchant_id (`m_42`), or for callbacks without
+one by its normalised callback host (`host=shop.example`; "=" is never in a merchant_id). In Redis it is `M` =
+`breaker_member(name)`, the tagged pair, length-prefixed: kind "merchant" with the merchant_id or kind "host" with
+the host (`8.merchant:4.m_42`, `4.host:12.shop.example`), always the last part of the key: merchant_id
+"shop.example" and host "shop.example" are two breakers. (Untagged records from older versions are not migrated:
+breaker state is short-lived; see the README.)
 
   ns:whiskypay.breaker:M       hash: `state` (open|closed), `failures` (consecutive failed attempts), `since`,
                                `last_error`, `host`, `queue`, `held` (1: opened by an operator), `next_probe_at`,
@@ -214,24 +218,79 @@ def wake_channel(namespace: str, queue_name: str) -> str:
     return f"{namespace}:wake:{queue_name}"
 
 
+#: How a breaker keyed by callback host is named (by operators, reports and the code): `host=shop.example`. "=" is
+#: never in a merchant_id (letters, digits and _ . : -), so no merchant_id can be taken for a host's breaker.
+HOST_BREAKER_PREFIX = "host="
+
+
+def breaker_member(name: str) -> str:
+    """Return breaker name's stored identity: the tagged pair, length-prefixed: kind "merchant" with the merchant_id
+    (`m_42` -> `8.merchant:4.m_42`) or kind "host" with the host (`host=shop.example` -> `4.host:12.shop.example`).
+
+    The last part of every breaker key, the index's member and the announcements' subject: merchant_id
+    "shop.example" and host "shop.example" are two identities whatever either holds.
+    """
+    if name.startswith(HOST_BREAKER_PREFIX):
+        return length_prefixed("host", name[len(HOST_BREAKER_PREFIX):])
+    return length_prefixed("merchant", name)
+
+
+def breaker_name(member: str) -> str | None:
+    """Return the breaker name of a stored identity (breaker_member's inverse), or None if member is not one (a
+    record written before breakers were tagged: not migrated, breaker state is short-lived)."""
+    parts: list[str] = []
+    at = 0
+    while len(parts) < 2:
+        dot = member.find(".", at)
+        if dot <= at or not member[at:dot].isdigit():
+            return None
+        end = dot + 1 + int(member[at:dot])
+        if end > len(member):
+            return None
+        parts.append(member[dot + 1:end])
+        if len(parts) == 1:
+            if member[end:end + 1] != ":":
+                return None
+            at = end + 1
+        elif end != len(member):
+            return None
+    kind, value = parts
+    if kind == "merchant":
+        return value
+    return HOST_BREAKER_PREFIX + value if kind == "host" else None
+
+
+def breaker_prefix(namespace: str) -> str:
+    """Return the prefix of every breaker hash (the snapshot script appends an index member to it)."""
+    return f"{namespace}:{OURS}.breaker:"
+
+
+def parked_prefix(namespace: str) -> str:
+    """Return the prefix of every parked zset (the snapshot script appends an index member to it)."""
+    return f"{namespace}:{OURS}.parked:"
+
+
 def breaker(namespace: str, merchant: str) -> str:
-    """Return the hash of merchant's breaker (state, failures, since, probe and release times...)."""
-    return f"{namespace}:{OURS}.breaker:{merchant}"
+    """Return the hash of breaker merchant's state (state, failures, since, probe and release times...).
+
+    merchant is a breaker name (`m_42`, `host=shop.example`); the key ends with its breaker_member.
+    """
+    return f"{breaker_prefix(namespace)}{breaker_member(merchant)}"
 
 
 def parked(namespace: str, merchant: str) -> str:
     """Return the zset of merchant's parked redis ids, oldest message first."""
-    return f"{namespace}:{OURS}.parked:{merchant}"
+    return f"{parked_prefix(namespace)}{breaker_member(merchant)}"
 
 
 def parked_messages(namespace: str, merchant: str) -> str:
     """Return the hash of merchant's parked messages (redis id -> encoded message)."""
-    return f"{namespace}:{OURS}.parked.msgs:{merchant}"
+    return f"{namespace}:{OURS}.parked.msgs:{breaker_member(merchant)}"
 
 
 def parked_at(namespace: str, merchant: str) -> str:
     """Return the zset of merchant's parked redis ids scored by when each was first parked (unix ms)."""
-    return f"{namespace}:{OURS}.parked.at:{merchant}"
+    return f"{namespace}:{OURS}.parked.at:{breaker_member(merchant)}"
 
 
 def breaker_index(namespace: str) -> str:

@@ -1,6 +1,8 @@
 """Merchant breakers, the pure part: who a callback's merchant is, which failures mean "unreachable", the state.
 
-A merchant is a callback's `merchant_id` when it has one, else its callback URL's host. Its breaker (the Redis part
+A merchant is a callback's `merchant_id` when it has one, else its callback URL's host, normalised, as a breaker
+named `host=<host>` (`merchant_of`; stored as the tagged pair `breaker_member`, so the two kinds never meet). Its
+breaker (the Redis part
 is `whiskypay.breakers`) is
 
   closed   callbacks are attempted; consecutive outage failures are counted
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from whiskypay import keys
 from whiskypay.errors import DeliveryError, HttpStatusError
 from whiskypay.keys import iso_ms
 from whiskypay.redaction import url_host
@@ -30,8 +33,50 @@ CALLBACK_ACTOR = "send_callback"
 State = Literal["open", "closed"]
 
 
+#: The two kinds of breaker identity and how a host's breaker is named (`keys.breaker_member`).
+HOST_NAME_PREFIX = keys.HOST_BREAKER_PREFIX
+breaker_member = keys.breaker_member
+breaker_name = keys.breaker_name
+
+
+def normalise_host(host: str) -> str | None:
+    """Return host as one breaker knows it: lower-case, no trailing dot, IDNA (punycode), IPv6 unbracketed and
+    compressed; None when nothing is left.
+
+    "Shop.Example." and "shop.example" are one host; so are "Bücher.example" and "xn--bcher-kva.example", and
+    "[::1]" and "0:0:0:0:0:0:0:1".
+    """
+    import ipaddress
+
+    text = host.strip().lower()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if ":" in text:
+        try:
+            return ipaddress.IPv6Address(text.split("%", 1)[0]).compressed + ("%" + text.split("%", 1)[1]
+                                                                               if "%" in text else "")
+        except ValueError:
+            return text or None
+    text = text.rstrip(".")
+    try:
+        text = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        pass  # not IDNA-encodable (an empty label, a label over 63 characters): kept lower-cased as it was
+    return text or None
+
+
+def host_breaker_name(host: str) -> str | None:
+    """Return the name of host's breaker (`host=shop.example`), normalised, or None for an empty host."""
+    normal = normalise_host(host)
+    return None if normal is None else HOST_NAME_PREFIX + normal
+
+
 def merchant_of(kwargs: object) -> str | None:
-    """Return a send_callback message's merchant: its `merchant_id`, else its callback host; None if neither.
+    """Return a send_callback message's breaker name: its `merchant_id`, else `host=<its normalised callback host>`;
+    None if neither.
+
+    The two kinds never meet: merchant_id "shop.example" and a callback to host "shop.example" (no merchant_id) are
+    two breakers, and "Shop.Example." and "shop.example" are one.
 
     Parameters:
       kwargs: The message's keyword arguments.
@@ -41,7 +86,16 @@ def merchant_of(kwargs: object) -> str | None:
     merchant_id = kwargs.get("merchant_id")
     if isinstance(merchant_id, str) and merchant_id:
         return merchant_id
-    return url_host(kwargs.get("callback_url"))
+    host = url_host(kwargs.get("callback_url"))
+    return host_breaker_name(host) if host else None
+
+
+def operator_name(text: str) -> str:
+    """Return the breaker name an operator typed, normalised: `host=Shop.Example.` is `host=shop.example`; anything
+    else is a merchant_id, as typed."""
+    if text.startswith(HOST_NAME_PREFIX):
+        return host_breaker_name(text[len(HOST_NAME_PREFIX):]) or text
+    return text
 
 
 def is_outage(exception: BaseException) -> bool:
@@ -83,7 +137,7 @@ class Breaker:
     """One merchant's breaker as stored in Redis, and how many of its callbacks are parked.
 
     Parameters:
-      merchant: The merchant (merchant_id, else callback host).
+      merchant: The merchant (its breaker name: the merchant_id, else `host=<normalised callback host>`).
       state: "open" or "closed".
       failures: Consecutive outage failures counted.
       parked: Callbacks parked now.

@@ -12,6 +12,7 @@ import json
 
 from whiskypay.breakers import BreakerStore
 from whiskypay.cli.ops import _connect, _reports_errors, format_table, format_time, shorten
+from whiskypay.merchants import operator_name
 from whiskypay.queues import Queue
 
 #: The longest last-error text shown in the table, in characters (--json has it whole).
@@ -49,6 +50,7 @@ def breaker_command(args: argparse.Namespace) -> int:
     """Open (hold) or close one merchant's breaker."""
     client, namespace = _connect()
     with client:
+        args.merchant = operator_name(args.merchant)  # `host=Shop.Example.` is `host=shop.example`
         store = BreakerStore(client, namespace)
         was = store.operate(args.merchant, args.action, queue=str(Queue.CALLBACKS))
         parked = store.snapshot().get(args.merchant)
@@ -58,8 +60,8 @@ def breaker_command(args: argparse.Namespace) -> int:
               f"until `whiskypay breaker close {args.merchant}`. {count} parked now.")
         return 0
     if was == "none":
-        print(f"{args.merchant} has no breaker record: nothing to close (merchants are named by merchant_id, "
-              "else callback host; see `whiskypay merchants`).")
+        print(f"{args.merchant} has no breaker record: nothing to close (a merchant is named by its merchant_id; "
+              "a callback host without one as host=<host>, e.g. host=shop.example; see `whiskypay merchants`).")
         return 1
     print(f"Breaker of {args.merchant} is closed (was {was}): its {count} parked callback(s) go back oldest first "
           "through the replay lane, at most WHISKYPAY_BREAKER_RELEASE_RATE per second.")
@@ -75,5 +77,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     breaker = commands.add_parser("breaker", help="open (hold) or close a merchant's breaker by hand")
     breaker.add_argument("action", choices=("open", "close"),
                          help="open: park the merchant's callbacks now, no probes; close: deliver them now")
-    breaker.add_argument("merchant", help="the merchant: its merchant_id, else its callback host")
+    breaker.add_argument("merchant", help="the merchant: its merchant_id, or host=<callback host> for callbacks "
+                         "sent without one (e.g. host=shop.example; \"=\" is never in a merchant_id)")
     breaker.set_defaults(handler=breaker_command)
