@@ -1,6 +1,6 @@
 """MerchantBreakers: a merchant that stops answering is tripped, parked, probed, released in order, given up on.
 
-Per callback (send_callback message), with its merchant (merchant_id, else `host=<callback host>`; `whiskypay.merchants`):
+Per callback (send_callback message), with its merchant (merchant_id, else `host=<its host>`; `whiskypay.merchants`):
 
 - before_process_message: a merchant the local view knows nothing about (every healthy one) costs a dict lookup,
   no Redis call. If its breaker is open, the message is parked (one script: `BreakerStore.park`) and `Parked` is
