@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from tests.helpers import FakeSentry, wait_until
+from whiskypay import keys
 from whiskypay.queue_health import HealthState, assess, tick_of
 from whiskypay.queue_stats import QueueCounts, queue_counts, ready_since_ms
 
@@ -311,7 +312,7 @@ def test_a_breaker_open_longer_than_the_limit_is_reported_once_per_outage(broker
     store.operate("m_long", "open", queue="callbackQueue")
     store.operate("m_new", "open", queue="callbackQueue")
     two_hours_ago = int(time.time() * 1000) - 7_200_000
-    redis_client.hset(f"{NS}:whiskypay.breaker:m_long", "since", two_hours_ago)
+    redis_client.hset(keys.breaker(NS, "m_long"), "since", two_hours_ago)
     # When the health check runs in two successive minutes
     check_queue_health()
     next_minute(redis_client)
@@ -326,7 +327,7 @@ def test_a_breaker_open_longer_than_the_limit_is_reported_once_per_outage(broker
     # And a new outage of the same merchant (opened again later) is a new report
     store.operate("m_long", "close", queue="callbackQueue")
     store.operate("m_long", "open", queue="callbackQueue")
-    redis_client.hset(f"{NS}:whiskypay.breaker:m_long", "since", two_hours_ago + 1)
+    redis_client.hset(keys.breaker(NS, "m_long"), "since", two_hours_ago + 1)
     next_minute(redis_client)
     check_queue_health()
     assert len([e for e in sentry.items("event") if e["tags"].get("kind") == "breaker_open"]) == 2
