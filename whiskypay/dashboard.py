@@ -326,7 +326,7 @@ def dashboard_app_class() -> type:
     from dramatiq_dashboard.interface import Job, RedisInterface
 
     from whiskypay import keys
-    from whiskypay.dead_letters import decode_dead_letter, delete_dead_letter, redrive
+    from whiskypay.dead_letters import DeadLetter, decode_dead_letter, delete_dead_letter, redrive
 
     class MaskedInterface(RedisInterface):  # type: ignore[misc]
         def __init__(self, broker: RedisBroker, secrets: tuple[str, ...]) -> None:
@@ -349,6 +349,18 @@ def dashboard_app_class() -> type:
             super().__init__(broker, prefix)
             self.iface = MaskedInterface(broker, secrets)
 
+        def _posted_dead_letter(self, req: Any, verb: str) -> DeadLetter | tuple[str, str]:
+            """Read the dead letter a POST names (its queue and id), or the error response; raises RedisError."""
+            queue, redis_id = req.post_data.get("queue", ""), req.post_data.get("id", "")
+            if queue != xq_name(queue) or not redis_id:
+                return "409 Conflict", f"Only dead letters (a queue's Failed tab) can be {verb}."
+            client, namespace = self.broker.client, self.broker.namespace
+            raw = client.hget(keys.dead_letter_messages(namespace, q_name(queue)), redis_id)
+            score = client.zscore(keys.dead_letters(namespace, q_name(queue)), redis_id)
+            if raw is None or score is None:
+                return HTTP_410, "This dead letter no longer exists: it was requeued or deleted already."
+            return decode_dead_letter(q_name(queue), redis_id, raw, int(score))
+
         @handler  # type: ignore[untyped-decorator]
         @csrf_protect  # type: ignore[untyped-decorator]
         def requeue_message(self, req: Any) -> Any:
@@ -357,16 +369,12 @@ def dashboard_app_class() -> type:
             # Lua script `whiskypay retry` uses: moved once, or not at all.
             if req.method != "POST":
                 return HTTP_405, "Expected a POST request."
-            queue, redis_id = req.post_data.get("queue", ""), req.post_data.get("id", "")
-            if queue != xq_name(queue) or not redis_id:
-                return "409 Conflict", "Only dead letters (a queue's Failed tab) can be requeued."
+            queue = req.post_data.get("queue", "")
             client, namespace = self.broker.client, self.broker.namespace
             try:
-                raw = client.hget(keys.dead_letter_messages(namespace, q_name(queue)), redis_id)
-                score = client.zscore(keys.dead_letters(namespace, q_name(queue)), redis_id)
-                if raw is None or score is None:
-                    return HTTP_410, "This dead letter no longer exists: it was requeued or deleted already."
-                letter = decode_dead_letter(q_name(queue), redis_id, raw, int(score))
+                letter = self._posted_dead_letter(req, "requeued")
+                if not isinstance(letter, DeadLetter):
+                    return letter
                 if letter.message is None:
                     return "409 Conflict", f"This dead letter is unreadable ({letter.problem}); it stays where it is."
                 if letter.erased:  # as `whiskypay retry` skips it: its job cannot run without the address
@@ -392,17 +400,12 @@ def dashboard_app_class() -> type:
             # Deletes only dead letters, with the same check-and-delete script as the console's Delete.
             if req.method != "POST":
                 return HTTP_405, "Expected a POST request."
-            queue, redis_id = req.post_data.get("queue", ""), req.post_data.get("id", "")
-            if queue != xq_name(queue) or not redis_id:
-                return "409 Conflict", "Only dead letters (a queue's Failed tab) can be deleted here."
-            client, namespace = self.broker.client, self.broker.namespace
+            queue = req.post_data.get("queue", "")
             try:
-                raw = client.hget(keys.dead_letter_messages(namespace, q_name(queue)), redis_id)
-                score = client.zscore(keys.dead_letters(namespace, q_name(queue)), redis_id)
-                if raw is None or score is None:
-                    return HTTP_410, "This dead letter no longer exists: it was requeued or deleted already."
-                result = delete_dead_letter(client, namespace, decode_dead_letter(q_name(queue), redis_id, raw,
-                                                                                  int(score)))  # fmt: skip
+                letter = self._posted_dead_letter(req, "deleted here")
+                if not isinstance(letter, DeadLetter):
+                    return letter
+                result = delete_dead_letter(self.broker.client, self.broker.namespace, letter)
             except redis.RedisError as exc:
                 return "503 Service Unavailable", f"Redis refused the delete ({type(exc).__name__}); nothing changed."
             if result != "deleted":
