@@ -101,6 +101,8 @@ class MerchantBreakers(Middleware):
         self._probes: set[str] = set()
         self._expire_due: dict[str, float] = {}
         self._stop = threading.Event()
+        #: Set when this process's view may have gained parked callbacks: wakes an idle keeper at once.
+        self._nudge = threading.Event()
         self._thread: threading.Thread | None = None
         self._redis_error_logged = False
         self._configuration_reported = False
@@ -148,11 +150,13 @@ class MerchantBreakers(Middleware):
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
         self._stop.set()
+        self._nudge.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
     def _heard(self, data: bytes) -> None:
         self.view.apply(data, now_ms=int(time.time() * 1000), probe_interval_ms=self.probe_interval_ms)
+        self._nudge.set()
 
     def _redis_failed(self, what: str, exc: BaseException) -> None:
         # Either kind, the callback is attempted or retried as without breakers (nothing is lost and no thread
@@ -233,6 +237,7 @@ class MerchantBreakers(Middleware):
             outcome = "parked"
         if outcome == "parked":
             self.view.update(merchant, parked=known.parked + 1)
+            self._nudge.set()
             raise Parked(f"merchant {merchant} is unreachable (its breaker is open): parked", merchant=merchant)
         if outcome == "closed":
             self.view.update(merchant, state="closed")  # the view was behind: attempt it
@@ -356,8 +361,16 @@ class MerchantBreakers(Middleware):
         self.view.replace_all(breakers, taken_at=taken_at)
 
     def _keep(self) -> None:
-        next_refresh = 0.0
-        while not self._stop.wait(self.tick_s):
+        # Ticks every tick_s while some merchant has parked callbacks; otherwise it only refreshes the view each
+        # refresh_s (an idle worker would wake 50 times a second for nothing), and a park or an announcement in
+        # this process nudges it awake at once.
+        next_refresh = time.monotonic() + self.refresh_s  # before_worker_boot has just refreshed
+        while not self._stop.is_set():
+            busy = any(breaker.parked > 0 for breaker in self.view.all())
+            self._nudge.wait(self.tick_s if busy else max(0.0, next_refresh - time.monotonic()))
+            self._nudge.clear()
+            if self._stop.is_set():
+                break
             try:
                 if time.monotonic() >= next_refresh:
                     next_refresh = time.monotonic() + self.refresh_s

@@ -188,3 +188,32 @@ def test_a_failed_attempt_parked_whose_reply_was_lost_is_not_retried_as_well(
     assert breakers.store.is_parked("host=shop.example", "rid-2")
     assert "retries" not in second.options and classify(second, down()) == Outcome("failed", "parked")
     assert broker.queues[f"{QUEUE}.DQ"].qsize() == 1  # only the first one's retry
+
+
+def test_an_idle_keeper_wakes_once_a_refresh_and_a_park_wakes_it_at_once(
+    breakers: MerchantBreakers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    # Given a keeper (refresh every 0.5 s, tick 20 ms) with no parked callbacks anywhere, counting its rounds
+    breakers.refresh_s = 0.5
+    rounds: list[float] = []
+    monkeypatch.setattr(breakers, "tend", lambda *, now_ms: rounds.append(time.monotonic()))
+    thread = threading.Thread(target=breakers._keep, daemon=True)
+    thread.start()
+    try:
+        # When it is idle for 1.2 s, then told this process parked a callback
+        time.sleep(1.2)
+        idle_rounds = len(rounds)
+        breakers.view.update("m_parked", state="open", parked=1)
+        breakers._nudge.set()
+        time.sleep(0.3)
+        # Then it woke only for its refreshes while idle (not every tick: 60 rounds), and ticked once parked
+        assert 1 <= idle_rounds <= 3, rounds
+        assert len(rounds) - idle_rounds >= 5, rounds
+    finally:
+        breakers._stop.set()
+        breakers._nudge.set()
+        thread.join(timeout=2)
+    assert not thread.is_alive()
