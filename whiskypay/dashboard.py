@@ -73,6 +73,28 @@ def _cut_query(match: re.Match[str]) -> str:
     return match.group(1) + "?…" + (tail.group(0) if tail else "")
 
 
+
+def run_buffered(
+    app: WSGIApplication, environ: WSGIEnvironment
+) -> tuple[str, list[tuple[str, str]], Any, bytes]:
+    """Run a WSGI app and return its status, headers, exc_info and whole body (closing its iterable)."""
+    captured: list[Any] = []
+    chunks: list[bytes] = []
+
+    def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        captured[:] = [status, headers, exc_info]
+        return chunks.append
+
+    result = app(environ, capture)
+    try:
+        chunks.extend(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    status, headers, exc_info = captured
+    return status, headers, exc_info, b"".join(chunks)
+
 class BasicAuth:
     """WSGI middleware that answers 401 unless the request carries the right HTTP basic credentials.
 
@@ -154,22 +176,7 @@ class ScrubPages:
         self.secrets = tuple(s for s in secrets if s)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        captured: list[Any] = []
-        chunks: list[bytes] = []
-
-        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            captured[:] = [status, headers, exc_info]
-            return chunks.append
-
-        result = self.app(environ, capture)
-        try:
-            chunks.extend(result)
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-        status, headers, exc_info = captured
-        body = b"".join(chunks)
+        status, headers, exc_info, body = run_buffered(self.app, environ)
         content_type = next((value for name, value in headers if name.lower() == "content-type"), "")
         if content_type.startswith(("text/", "application/json")):
             body = scrub_page(body.decode("utf-8", errors="replace"), self.secrets).encode()
@@ -263,22 +270,7 @@ class Mount:
             start_response(missing[0], missing[1])
             return missing[2]
         inner = {**environ, "PATH_INFO": path[len(self.prefix) :] or "/"}
-        captured: list[Any] = []
-        chunks: list[bytes] = []
-
-        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            captured[:] = [status, headers, exc_info]
-            return chunks.append
-
-        result = self.dramatiq(inner, capture)
-        try:
-            chunks.extend(result)
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-        status, headers, exc_info = captured
-        page = b"".join(chunks)
+        status, headers, exc_info, page = run_buffered(self.dramatiq, inner)
         if any(name.lower() == "content-type" and value.startswith("text/html") for name, value in headers):
             page = _POST_FORM.sub(lambda m: m.group(1) + self.field, page.decode("utf-8", "replace")).encode()
         kept = [(name, value) for name, value in headers if name.lower() != "content-length"]
