@@ -236,6 +236,12 @@ class Settings(BaseSettings):
     webhook_host_concurrency: int = Field(default=2, ge=1)
     #: A delivery still running after this many seconds counts as slow (see webhook_host_concurrency).
     webhook_slow_after_s: float = Field(default=1.0, gt=0)
+    #: Callback hosts (scheme, host, port) a worker process keeps a connection pool for; the least recently used
+    #: one is closed first. Each pool keeps up to the worker's thread count of connections, for one busy merchant.
+    webhook_pool_hosts: int = Field(default=256, ge=1)
+    #: The most kept-alive webhook connections a worker process leaves open while idle, across all hosts (the
+    #: oldest idle one is closed first): with one in use per thread, its bound on webhook file descriptors.
+    webhook_idle_connections: int = Field(default=256, ge=0)
     #: A second send() with the same event_id within this window enqueues nothing, in seconds.
     idempotency_window_s: int = Field(default=24 * 3600, gt=0)
 

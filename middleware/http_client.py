@@ -1,5 +1,5 @@
-"""HttpClients: one pooled requests.Session per worker thread, guarded against private addresses, each attempt
-bounded by a deadline, and a cap on slow deliveries per server."""
+"""HttpClients: one connection pool per worker process, shared by its threads, guarded against private addresses,
+each attempt bounded by a deadline, and a cap on slow deliveries per server."""
 
 from __future__ import annotations
 
@@ -32,7 +32,15 @@ def peer_key(peer: tuple[str, int]) -> str:
 
 
 class HttpClients(Middleware):
-    """Own the webhook HTTP sessions of this worker process: one per thread, reused across messages.
+    """Own the webhook connections of this worker process: one pool, shared by every worker thread.
+
+    One requests.Session whose one `GuardedAdapter` keeps a urllib3 pool per callback host (scheme, host, port)
+    for up to pool_hosts hosts, the least recently used dropped first, and in each up to the worker's thread
+    count of kept-alive connections: a thread reuses whatever connection to the host another thread left idle,
+    so a hundred merchants, or one busy merchant and every thread, are served on kept-alive connections. The
+    pools never block: a thread that finds no idle connection opens one. At most idle_connections of them stay
+    open idle in all, the oldest closed first (`whiskypay.netguard.IdleConnections`): with the ones in use (one
+    per thread at most) that bounds the sockets a worker process holds for webhooks, however many merchants.
 
     Every attempt ends within connect_timeout_s + read_timeout_s (plus the watchdog's tick), whatever the server
     does: name resolution, connect (all of a host's addresses together), TLS handshake, headers and body share
@@ -47,9 +55,11 @@ class HttpClients(Middleware):
     long). The check runs once the connection reached its peer, before the request is sent. Fast servers are
     not capped.
 
-    Sessions ignore proxy and .netrc settings from the environment (trust_env off), never follow redirects
-    (the delivery code passes allow_redirects=False) and, unless allow_private, refuse to talk to a
-    non-public peer address. All are closed in `after_worker_shutdown`, after the worker threads joined.
+    The session ignores proxy and .netrc settings from the environment (trust_env off; the delivery code reads
+    only its headers and adapter), never follows redirects and, unless allow_private, refuses to talk to a
+    non-public peer address: the check runs on every new connection, in whichever thread and pool. It is opened
+    in `before_worker_boot` (or at the first attempt outside a worker) and closed in `after_worker_shutdown`,
+    after the worker threads joined.
 
     Parameters:
       allow_private: Accept loopback and private callback hosts (development and tests).
@@ -57,7 +67,10 @@ class HttpClients(Middleware):
       max_response_bytes: The most of a response body read, in bytes.
       host_concurrency: Requests in flight to one slow host, per process.
       slow_after_s: A request running longer than this marks its host slow, in seconds.
-      pool_size: Connections kept per host and session.
+      pool_hosts: Callback hosts (scheme, host, port) a pool is kept for, per process.
+      idle_connections: Kept-alive connections left open while idle, per process, across hosts.
+      pool_maxsize: Connections kept per host; default the worker's thread count (`before_worker_boot`), 8
+        (Dramatiq's default) before a worker boots.
       resolver: The name resolver (`socket.getaddrinfo`; injected in tests).
     """
 
@@ -70,7 +83,9 @@ class HttpClients(Middleware):
         max_response_bytes: int,
         host_concurrency: int = 2,
         slow_after_s: float = 1.0,
-        pool_size: int = 4,
+        pool_hosts: int = 256,
+        idle_connections: int = 256,
+        pool_maxsize: int | None = None,
         resolver: Resolver = socket.getaddrinfo,
     ) -> None:
         self.logger = get_logger(__name__, type(self))
@@ -83,28 +98,43 @@ class HttpClients(Middleware):
         self._inflight: dict[str, dict[int, float]] = {}
         self._slow_hosts: set[str] = set()
         self._tokens = itertools.count()
-        self.pool_size = pool_size
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        self.pool_hosts = pool_hosts
+        self.idle_connections = idle_connections
+        self.pool_maxsize = pool_maxsize
+        #: The worker's thread count, learned at boot.
+        self.worker_threads = 8
+        self._session: requests.Session | None = None
         self._lock = threading.Lock()
         self.resolver = resolver
         self.watchdog = Watchdog()
 
+    def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        self.worker_threads = worker.worker_threads
+        self.session()
+
     def session(self) -> requests.Session:
-        """Return the calling thread's session, creating it on first use."""
-        session: requests.Session | None = getattr(self._local, "session", None)
+        """Return this process's session (every thread shares it), creating it on first use."""
+        session = self._session
         if session is None:
-            session = requests.Session()
-            session.trust_env = False
-            adapter = GuardedAdapter(
-                allow_private=self.allow_private, pool_connections=self.pool_size, pool_maxsize=self.pool_size
-            )
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            session.headers["User-Agent"] = "WhiskyPay-Webhooks/1"
-            self._local.session = session
             with self._lock:
-                self._sessions.append(session)
+                session = self._session
+                if session is None:
+                    session = self._session = self._open()
+        return session
+
+    def _open(self) -> requests.Session:
+        session = requests.Session()
+        session.trust_env = False
+        adapter = GuardedAdapter(
+            allow_private=self.allow_private,
+            max_idle=self.idle_connections,
+            pool_connections=self.pool_hosts,
+            pool_maxsize=self.pool_maxsize or self.worker_threads,
+            pool_block=False,  # a thread never waits for a pool slot: with no idle connection it opens one
+        )
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.headers["User-Agent"] = "WhiskyPay-Webhooks/1"
         return session
 
     def _admit(self, server: str, host: str) -> int:
@@ -135,7 +165,7 @@ class HttpClients(Middleware):
                 self._slow_hosts.discard(server)
 
     def post(self, url: str, body: bytes, headers: dict[str, str]) -> Attempt:
-        """Make one webhook attempt on the calling thread's session (see `whiskypay.delivery.post_webhook`).
+        """Make one webhook attempt on this process's pool (see `whiskypay.delivery.post_webhook`).
 
         Raises `Deferred` instead when the server it connected to is slow and already has host_concurrency
         requests in flight.
@@ -173,7 +203,7 @@ class HttpClients(Middleware):
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
         with self._lock:
-            sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            session.close()
+            session, self._session = self._session, None
+        if session is not None:
+            session.close()  # every pool and every connection it kept
         self.watchdog.stop()

@@ -1,4 +1,4 @@
-"""Tier 2: HttpClients against a real local HTTP server: per-thread sessions, their guards, the slow-host cap."""
+"""Tier 2: HttpClients against a real local HTTP server: the process's session, its guards, the slow-host cap."""
 
 from __future__ import annotations
 
@@ -40,17 +40,19 @@ def pools(session: requests.Session) -> int:
     return len(session.get_adapter("http://127.0.0.1/").poolmanager.pools)  # type: ignore[attr-defined]
 
 
-def test_given_a_thread_when_it_posts_twice_then_it_reuses_its_session_and_another_thread_gets_its_own(
-    receiver: HttpReceiver,
-) -> None:
+def test_given_two_threads_when_they_post_then_they_share_the_process_session(receiver: HttpReceiver) -> None:
     http = clients()
     http.post(receiver.url(), BODY, {})
     mine = http.session()
-    http.post(receiver.url(), BODY, {})
-    assert http.session() is mine
     theirs: list[requests.Session] = []
-    in_thread(lambda: theirs.append(http.session())).join()
-    assert theirs[0] is not mine
+
+    def post() -> None:
+        http.post(receiver.url(), BODY, {})
+        theirs.append(http.session())
+
+    in_thread(post).join()
+    assert theirs == [mine]
+    assert pools(mine) == 1
 
 
 def test_given_a_merchant_when_posted_to_then_it_sees_our_user_agent_and_the_body_and_we_get_its_status(
@@ -148,34 +150,36 @@ def test_given_a_host_marked_slow_then_it_stays_capped_until_one_of_its_requests
     third.join(5)
 
 
-def test_given_a_worker_that_delivered_when_it_shuts_down_then_every_session_is_closed(
-    receiver: HttpReceiver,
-) -> None:
-    # Given a stub worker whose two threads each posted through their own session
+def test_given_a_worker_that_delivered_when_it_shuts_down_then_the_pool_is_closed(receiver: HttpReceiver) -> None:
+    # Given a stub worker of 3 threads, two of which posted at once through the process's pool
     http = clients()
     broker = StubBroker(middleware=[http])
-    sessions: list[requests.Session] = []
-    lock = threading.Lock()
     both_posted = threading.Barrier(2, timeout=5)
 
     def deliver() -> None:
         http.post(receiver.url(), BODY, {})
-        with lock:
-            sessions.append(http.session())
-        both_posted.wait()  # keep this thread busy so the other message goes to the other thread
+        both_posted.wait()  # keep this thread busy so the other message goes to another thread
 
     dramatiq.actor(deliver, broker=broker, actor_name="deliver", queue_name="q")
-    worker = Worker(broker, worker_timeout=20, worker_threads=2)
+    worker = Worker(broker, worker_timeout=20, worker_threads=3)
     worker.start()
     try:
         broker.actors["deliver"].send()
         broker.actors["deliver"].send()
         broker.join("q", fail_fast=True, timeout=10_000)
-        wait_until(lambda: len(sessions) == 2, what="two sessions")
-        assert sessions[0] is not sessions[1] and all(pools(session) == 1 for session in sessions)
+        session = http.session()
+        adapter = session.get_adapter("http://127.0.0.1/")
+        # Then the pool was sized at boot for every worker thread, and it keeps both connections
+        assert pools(session) == 1
+        pool = adapter.poolmanager.connection_from_url(  # type: ignore[attr-defined]
+            receiver.url(), pool_kwargs={"cert_reqs": "CERT_REQUIRED"}  # the key whiskypay.delivery uses
+        )
+        assert pool.pool.maxsize == 3
+        assert len(adapter.idle) == 2  # type: ignore[attr-defined]
     finally:
         # When the worker shuts down (after_worker_shutdown)
         worker.stop()
         broker.close()
-    # Then both sessions' connections are closed
-    assert [pools(session) for session in sessions] == [0, 0]
+    # Then the pool and its connections are closed
+    assert pools(session) == 0 and len(adapter.idle) == 0  # type: ignore[attr-defined]
+    wait_until(lambda: receiver.open_connections() == 0, what="the receiver to see both connections closed")

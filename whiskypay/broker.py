@@ -130,7 +130,8 @@ def build_broker(settings: Settings) -> RedisBroker:
         # The liveness file `whiskypay health --worker` and /healthz, /readyz read.
         WorkerLiveness(state_dir=state_dir(settings.worker_state_dir)),
         OutcomeCounters(),  # early in the list, so its after-hooks run once every later one decided `failed`
-        # Per-process clients: opened lazily per thread, closed after the worker threads joined.
+        # Per-process clients, closed after the worker threads joined: the webhook pool (every thread shares it) is
+        # opened in before_worker_boot, SMTP connections lazily per thread.
         HttpClients(
             allow_private=settings.allow_private_callbacks,
             connect_timeout_s=settings.webhook_connect_timeout_s,
@@ -138,6 +139,8 @@ def build_broker(settings: Settings) -> RedisBroker:
             max_response_bytes=settings.webhook_max_response_bytes,
             host_concurrency=settings.webhook_host_concurrency,
             slow_after_s=settings.webhook_slow_after_s,
+            pool_hosts=settings.webhook_pool_hosts,
+            idle_connections=settings.webhook_idle_connections,
         ),
         SmtpClients(relay=smtp_relay(settings), mail_from=settings.mail_from),
         # before_enqueue runs in list order: validate first, so an invalid send never names a reservation;

@@ -11,15 +11,16 @@ running attempt so that `whiskypay.deadline` can end the attempt at its deadline
 from __future__ import annotations
 
 import ipaddress
+import queue
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.exceptions import ClosedPoolError, ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util.connection import allowed_gai_family
 
 from whiskypay.deadline import Resolver, current_attempt
@@ -176,19 +177,104 @@ class _GuardedHTTPSConnection(_BoundedHTTPSConnection):
     guarded = True
 
 
-class _BoundedHTTPPool(HTTPConnectionPool):
+class IdleConnections:
+    """The kept-alive connections of every pool of one adapter: at most limit of them idle with a socket open.
+
+    A connection handed back to its pool becomes the newest idle one; past the limit the oldest idle one, of
+    whichever pool, is closed where it sits (its pool keeps the socket-less connection object, which reconnects
+    when it is next taken, as for a connection the server dropped). So a process talking to many merchants holds
+    at most limit idle sockets, plus the ones in use (one per worker thread at most), whatever the pools' sizes.
+
+    Parameters:
+      limit: The most idle connections kept open, in all.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._idle: dict[HTTPConnection, None] = {}  # insertion order: the oldest idle connection first
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def parked(self, conn: HTTPConnection) -> None:
+        """Count conn, about to go back into its pool, as the newest idle connection; close the oldest past limit."""
+        if conn.sock is None:
+            return  # closed (a body left unread, a dropped connection): no descriptor held
+        with self._lock:
+            self._idle[conn] = None
+            while len(self._idle) > self.limit:
+                oldest = next(iter(self._idle))
+                del self._idle[oldest]
+                # Under the lock: a thread taking this connection from its pool calls `taken` before using it,
+                # so it either finds it closed (and reconnects) or it was never closed here.
+                oldest.close()
+
+    def taken(self, conn: HTTPConnection) -> None:
+        """Stop counting conn: a thread took it from its pool (or the pool closed it)."""
+        with self._lock:
+            self._idle.pop(conn, None)
+
+
+class _SharedIdlePool(HTTPConnectionPool):
+    """A pool whose idle connections count against the adapter's `IdleConnections`, and that serves a request
+    it gets after it was closed (a PoolManager evicts its least recently used pool when a new host comes) on a
+    connection of its own, closed afterwards, instead of failing it with ClosedPoolError."""
+
+    #: The adapter's shared limit (each GuardedAdapter makes subclasses that set it).
+    idle: IdleConnections
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        if self.pool is None:
+            return self._new_conn()
+        try:
+            conn = super()._get_conn(timeout)
+        except ClosedPoolError:  # closed between the check and the get
+            return self._new_conn()
+        self.idle.taken(cast(HTTPConnection, conn))
+        return conn
+
+    def _put_conn(self, conn: Any) -> None:
+        pool = self.pool
+        if pool is not None:
+            if conn is not None:
+                self.idle.parked(conn)  # before the put: once in the queue another thread may take it
+            try:
+                pool.put(conn, block=False)  # None too: it is the slot of a connection that was closed
+                return
+            except queue.Full:  # more in use at once than maxsize: not kept (block=False opens extra ones)
+                pass
+        if conn is not None:
+            self.idle.taken(conn)
+            conn.close()
+
+    def close(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is None:
+            return
+        while True:
+            try:
+                conn = pool.get(block=False)
+            except queue.Empty:
+                break
+            if conn is not None:
+                self.idle.taken(conn)
+                conn.close()
+
+
+class _BoundedHTTPPool(_SharedIdlePool):
     ConnectionCls = _BoundedHTTPConnection
 
 
-class _BoundedHTTPSPool(HTTPSConnectionPool):
+class _BoundedHTTPSPool(_SharedIdlePool, HTTPSConnectionPool):
     ConnectionCls = _BoundedHTTPSConnection
 
 
-class _GuardedHTTPPool(HTTPConnectionPool):
+class _GuardedHTTPPool(_SharedIdlePool):
     ConnectionCls = _GuardedHTTPConnection
 
 
-class _GuardedHTTPSPool(HTTPSConnectionPool):
+class _GuardedHTTPSPool(_SharedIdlePool, HTTPSConnectionPool):
     ConnectionCls = _GuardedHTTPSConnection
 
 
@@ -197,18 +283,36 @@ class GuardedAdapter(HTTPAdapter):
 
     Every connection resolves and connects within its connect timeout (all addresses together), and hands its
     socket to the running attempt (`whiskypay.deadline.AttemptScope.use`), which bounds the whole attempt.
+    Its pools (pool_connections of them, one per scheme, host and port, the least recently used closed first;
+    pool_maxsize connections kept each) share one limit on idle connections (`IdleConnections`).
 
     Parameters:
       allow_private(bool): Accept every address (development and tests only).
+      max_idle(int | None): The most idle connections kept open across all pools; default pool_connections x
+        pool_maxsize (no limit beyond the pools' own).
     """
 
-    def __init__(self, *, allow_private: bool, **kwargs: Any) -> None:
+    def __init__(self, *, allow_private: bool, max_idle: int | None = None, **kwargs: Any) -> None:
         self.allow_private = allow_private
+        self.max_idle = max_idle
         super().__init__(**kwargs)
 
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        if self.allow_private:
-            self.poolmanager.pool_classes_by_scheme = {"http": _BoundedHTTPPool, "https": _BoundedHTTPSPool}
-        else:
-            self.poolmanager.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+    def init_poolmanager(self, connections: int, maxsize: int, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(connections, maxsize, *args, **kwargs)
+        self.idle = IdleConnections(self.max_idle if self.max_idle is not None else connections * maxsize)
+        bases: dict[str, type[_SharedIdlePool]] = (
+            {"http": _BoundedHTTPPool, "https": _BoundedHTTPSPool}
+            if self.allow_private
+            else {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+        )
+        self.poolmanager.pool_classes_by_scheme = {
+            scheme: type(base.__name__, (base,), {"idle": self.idle}) for scheme, base in bases.items()
+        }
+        # urllib3 (2.x) leaves an evicted pool, and every pool at clear(), to the garbage collector; ours close
+        # then, so their idle connections leave the count at once and shutdown closes every connection. A thread
+        # that got a pool just before it was evicted is served anyway (`_SharedIdlePool._get_conn`).
+        self.poolmanager.pools.dispose_func = _close_pool
+
+
+def _close_pool(pool: HTTPConnectionPool) -> None:
+    pool.close()

@@ -145,6 +145,8 @@ class HttpReceiver:
         self._scripts: dict[str, list[Response]] = {}
         self._handlers: dict[str, Callable[[Received], Response]] = {}
         self._conns: set[socket.socket] = set()
+        #: TCP connections accepted since start (a client reusing kept-alive connections opens few).
+        self.accepted = 0
         self._stopping = threading.Event()
         self._server: _ReceiverHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -154,6 +156,7 @@ class HttpReceiver:
         with self._lock:
             if add:
                 self._conns.add(conn)
+                self.accepted += 1
             else:
                 self._conns.discard(conn)
 
@@ -245,6 +248,11 @@ class HttpReceiver:
         with self._lock:
             self._scripts.pop(path, None)
             self._handlers[path] = fn
+
+    def open_connections(self) -> int:
+        """Return how many client connections are open now (accepted, not yet closed by either side)."""
+        with self._lock:
+            return len(self._conns)
 
     def requests(self, path: str | None = None) -> list[Received]:
         """Return the requests received so far, oldest first.
