@@ -27,15 +27,13 @@ from whiskypay.ledger import (
     take_notes,
 )
 from whiskypay.redis_errors import classify_redis_error
+from whiskypay.settler import RECORD_BATCH_MAX, Settler
 
 #: How often a failing ledger write is logged at warning level, in seconds (the others at debug).
 ERROR_LOG_INTERVAL_S = 60.0
 
-#: How long the writer thread lets attempt records gather before it sends them, in seconds.
-GATHER_S = 0.005
-
 #: The most attempt records one script call carries (about 16 us of Redis each: a call blocks Redis 2 ms at most).
-BATCH_MAX = 100
+BATCH_MAX = RECORD_BATCH_MAX
 
 #: The most attempt records a worker process holds while Redis refuses them; beyond it the oldest are dropped.
 BACKLOG_MAX = 20_000
@@ -49,13 +47,13 @@ class DeliveryLedger(Middleware):
     (ENQUEUE_WITH_LEDGER_LUA). Before an attempt it notes the attempt number (the `retries` option plus one,
     as `whiskypay failed` counts) and starts collecting what the actor reports (`whiskypay.ledger.note_attempt`).
     After the attempt, once the retry policy has decided (this middleware is listed before QueueRetryPolicy,
-    so its after-hook runs after that one's), it builds the write, and in after_ack/after_nack, once the
-    message is acked, hands it to this process's writer thread, which sends what has gathered in one script
-    call (one round trip for every attempt that finished meanwhile, at most BATCH_MAX): the worker thread never
-    waits for the ledger, and a ledger write that fails (logged; kept for the next round when the error may
-    pass, up to BACKLOG_MAX) can neither fail nor repeat a delivery. A SIGKILLed worker loses the records it
-    had not sent yet (a few milliseconds' worth). Outside a worker (no writer thread) each record is written
-    at once. A deferral (a slow host's cap) is not an attempt and writes nothing.
+    so its after-hook runs after that one's), it builds the write, and in after_ack/after_nack hands it to the
+    worker process's Settler (whiskypay.settler), which sends it with the acks of its next round (one script call
+    for every ack and record ready meanwhile, at most BATCH_MAX records): the worker thread never waits for the
+    ledger, and a ledger write that fails (logged; kept for the next round when the error may pass, up to
+    BACKLOG_MAX) can neither fail nor repeat a delivery. A SIGKILLed worker loses the records it had not sent yet
+    (a few milliseconds' worth). Outside a worker (no Settler) each record is written at once. A deferral (a slow
+    host's cap) is not an attempt and writes nothing.
 
     Parameters:
       retention_s: How long records are kept, in seconds.
@@ -78,9 +76,9 @@ class DeliveryLedger(Middleware):
         self._last_error_log = 0.0
         self._errors = 0
         self._backlog: collections.deque[LedgerOp] = collections.deque()
-        self._wanted = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._lock = threading.Lock()
+        #: The worker process's Settler, which sends the records with its acks (None outside a worker).
+        self._settler: Settler | None = None
 
     def config(self, broker: RedisBroker) -> LedgerConfig:
         """Return the ledger settings for broker's namespace."""
@@ -160,19 +158,21 @@ class DeliveryLedger(Middleware):
         redis_id, op = ready
         if redis_id != str(message.options.get("redis_message_id")):
             return
-        if self._thread is None:
+        settler = self._settler
+        if settler is None:
             try:
                 self.writer(broker).write(op)
             except redis.RedisError as exc:
                 self._failed(1, exc)
             return
-        with self._wanted:
+        with self._lock:
             self._backlog.append(op)
             if len(self._backlog) > BACKLOG_MAX:
                 self._backlog.popleft()
                 self._errors += 1
-            if len(self._backlog) == 1 or len(self._backlog) >= BATCH_MAX:
-                self._wanted.notify()
+            first = len(self._backlog) == 1
+        if first:
+            settler.wake()
 
     def _failed(self, count: int, exc: BaseException) -> None:
         self._errors += count
@@ -185,24 +185,24 @@ class DeliveryLedger(Middleware):
             )
             self._errors = 0
 
-    def flush(self, broker: RedisBroker) -> int:
-        """Send the gathered attempt records in one script call (LEDGER_BATCH_LUA); return how many were written.
+    # The Rider protocol (whiskypay.settler): the worker process's Settler sends these records with its acks.
 
-        Records Redis refused for a reason that may pass (unreachable, OOM, loading...) go back to the front of
-        the backlog for the next round; those it refuses otherwise are dropped and logged.
-        """
-        with self._wanted:
-            batch = [self._backlog.popleft() for _ in range(min(len(self._backlog), BATCH_MAX))]
-        if not batch:
-            return 0
-        try:
-            replies = self.writer(broker).write_batch(batch)
-        except redis.RedisError as exc:
-            if classify_redis_error(exc) == "transient":  # kept whole for the next round
-                with self._wanted:
-                    self._backlog.extendleft(reversed(batch))
-            self._failed(len(batch), exc)
-            return 0
+    def has_work(self) -> bool:
+        return bool(self._backlog)
+
+    def take(self, most: int) -> list[LedgerOp]:
+        with self._lock:
+            return [self._backlog.popleft() for _ in range(min(len(self._backlog), most))]
+
+    def refused(self, batch: list[LedgerOp], exc: BaseException) -> None:
+        if classify_redis_error(exc) == "transient":  # kept whole for the next round
+            with self._lock:
+                self._backlog.extendleft(reversed(batch))
+        self._failed(len(batch), exc)
+
+    def settled(self, batch: list[LedgerOp], replies: list[Any]) -> int:
+        """Keep for the next round the records Redis refused for a reason that may pass; return how many were
+        written. Those it refused otherwise are dropped and logged."""
         written, retry = 0, []
         for op, reply in zip(batch, replies, strict=True):
             if isinstance(reply, str) and reply.startswith("error: "):
@@ -213,38 +213,39 @@ class DeliveryLedger(Middleware):
             else:
                 written += 1
         if retry:
-            with self._wanted:
+            with self._lock:
                 self._backlog.extendleft(reversed(retry))
         return written
 
+    def flush(self, broker: RedisBroker) -> int:
+        """Send the gathered attempt records in one script call (LEDGER_BATCH_LUA) now; return how many were
+        written (what the Settler's round does with them, without acks)."""
+        batch = self.take(BATCH_MAX)
+        if not batch:
+            return 0
+        try:
+            replies = self.writer(broker).write_batch(batch)
+        except redis.RedisError as exc:
+            self.refused(batch, exc)
+            return 0
+        return self.settled(batch, replies)
+
     def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
-        if not isinstance(broker, RedisBroker):
-            return
-
-        def write_continuously() -> None:
-            while True:
-                with self._wanted:
-                    while not self._backlog and not self._stopping:
-                        self._wanted.wait()
-                    if self._stopping and not self._backlog:
-                        return
-                    # Let the attempts finishing meanwhile join this round: one script call for all of them.
-                    self._wanted.wait(GATHER_S)
-                if not self.flush(broker):
-                    time.sleep(0.5)  # Redis refused everything: wait a little before the next try
-
-        self._stopping = False
-        self._thread = threading.Thread(target=write_continuously, name="whiskypay-ledger", daemon=True)
-        self._thread.start()
+        settler = getattr(broker, "settler", None)
+        if isinstance(settler, Settler):
+            self._settler = settler
+            settler.attach(self)
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
+        settler, self._settler = self._settler, None
+        if settler is None:
             return
-        with self._wanted:
-            self._stopping = True
-            self._wanted.notify()
-        thread.join(timeout=5)
+        # The consumers flushed their acks as they closed; send the records still waiting (a few rounds at most).
+        deadline = time.monotonic() + 5
+        while self._backlog and time.monotonic() < deadline:
+            if not self.flush(broker) and self._backlog:  # type: ignore[arg-type]
+                time.sleep(0.1)
+        settler.detach(self)
 
     def after_ack(self, broker: Broker, message: MessageProxy) -> None:
         self._write(broker, message)

@@ -33,7 +33,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "whiskypay/dead_letters.py", "whiskypay/queue_stats.py", "whiskypay/queue_health.py",
         "whiskypay/redis_errors.py", "whiskypay/deadline.py", "whiskypay/redis_durability.py",
         "whiskypay/worker_health.py", "whiskypay/breakers.py", "whiskypay/ledger.py",
-        "whiskypay/replay.py",
+        "whiskypay/replay.py", "whiskypay/settler.py",
     )),
     ("pure", (
         "whiskypay/signing.py", "whiskypay/retrying.py", "whiskypay/schemas.py", "whiskypay/mail.py",

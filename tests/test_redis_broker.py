@@ -161,16 +161,30 @@ def test_an_ack_or_nack_lost_to_a_connection_error_is_retried_until_it_lands(red
     monkeypatch.setattr(dramatiq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.05)
     # Given our broker whose first ack (or nack) raises BrokerConnectionError, with no retries
     broker = WhiskyPayRedisBroker(url=redis_url, namespace="acktest", middleware=[QueueRetryPolicy(max_retries=0)])
-    real = getattr(broker, f"do_{operation}")
     calls: list[str] = []
+    if operation == "ack":
+        # (acks go out in the worker process's Settler rounds: its one script call is what fails once)
+        import redis as redis_py
 
-    def flaky(queue_name: str, redis_id: str) -> object:
-        calls.append(redis_id)
-        if len(calls) == 1:
-            raise BrokerConnectionError("connection lost")
-        return real(queue_name, redis_id)
+        real_script = broker.settler.script
 
-    setattr(broker, f"do_{operation}", flaky)
+        def flaky_round(*, args: list[object]) -> object:
+            calls.append(str(args[8:]))  # the ack group's ids (after the 5 header ARGV and the group's 3)
+            if len(calls) == 1:
+                raise redis_py.ConnectionError("connection lost")
+            return real_script(args=args)
+
+        broker.settler.script = flaky_round  # type: ignore[assignment]
+    else:
+        real = broker.do_nack
+
+        def flaky(queue_name: str, redis_id: str) -> object:
+            calls.append(redis_id)
+            if len(calls) == 1:
+                raise BrokerConnectionError("connection lost")
+            return real(queue_name, redis_id)
+
+        broker.do_nack = flaky  # type: ignore[method-assign]
 
     @dramatiq.actor(broker=broker, queue_name="q")
     def work(fail: bool) -> None:
@@ -186,7 +200,7 @@ def test_an_ack_or_nack_lost_to_a_connection_error_is_retried_until_it_lands(red
         worker.join()
         # Then the worker tried again, the second try landed, and nothing is outstanding
         assert len(calls) == 2 and calls[0] == calls[1]
-        assert worker.consumers["q"].consumer.outstanding_message_count == 0
+        assert wait_until(lambda: worker.consumers["q"].consumer.outstanding_message_count == 0)
         assert redis_client.zcard("acktest:q.XQ") == (1 if operation == "nack" else 0)
     finally:
         worker.stop()
@@ -207,17 +221,20 @@ def test_a_consumer_refills_its_window_in_batches_not_one_fetch_per_ack(redis_cl
     try:
         # When one is acked (the window has 1 free slot of 8, and 7 messages still wait for a thread)
         consumer.ack(taken.pop())
+        assert actors.broker.settler.flush(consumer)  # (acks go out in the Settler's rounds: wait for this one)
         # Then the consumer does not fetch that one slot: it waits (for the next ack, or the worker timeout)
         assert next(consumer) is None
         assert queued(redis_client, "callbackQueue") == 12
         # When a quarter of the window is free (2 of 8)
         consumer.ack(taken.pop())
+        assert actors.broker.settler.flush(consumer)
         # Then it fetches both slots in one go
         assert next(consumer) is not None
         assert queued(redis_client, "callbackQueue") == 10
         # And when at most half the window is taken (a thread may be idle), it fetches at once, whatever is free
         for message in taken:
             consumer.ack(message)
+        assert actors.broker.settler.flush(consumer)
         assert next(consumer) is not None  # the second of the two, from its cache: no fetch
         assert queued(redis_client, "callbackQueue") == 10
         assert next(consumer) is not None  # 2 of 8 taken: the 6 free slots in one fetch

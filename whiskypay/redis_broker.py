@@ -76,6 +76,7 @@ from whiskypay.redis_errors import (
     report_configuration_error,
 )
 from whiskypay.replay import DEFAULT_REPLAY_RATE, LanePromoter
+from whiskypay.settler import Settler
 
 #: Maintenance requeues dead workers' messages; ack and nack never trigger it (as in Dramatiq).
 _NO_MAINTENANCE = frozenset({"ack", "nack"})
@@ -342,12 +343,15 @@ class WhiskyPayRedisBroker(RedisBroker):
         self._halt_lock = threading.Lock()
         #: Ids of messages whose retry, deferral or delayed move could not be written: never acked nor nacked.
         self._held: set[str] = set()
+        #: Sends a worker process's acks (and the ledger's attempt records) in batches; started by `consume`.
+        self.settler = Settler(self)
 
     @property
     def consumer_class(self) -> type[_RedisConsumer]:
         return _WakingConsumer
 
     def close(self) -> None:
+        self.settler.stop()
         self.waker.stop()
         super().close()
 
@@ -386,6 +390,7 @@ class WhiskyPayRedisBroker(RedisBroker):
         # Only worker processes consume: from here on this process's enqueues are retries and delayed
         # messages coming due, which must wait out a Redis outage rather than fail (see do_enqueue).
         self.enqueue_waits_for_redis = True
+        self.settler.start()
         return super().consume(queue_name, prefetch, timeout)
 
     @staticmethod
@@ -678,7 +683,24 @@ class _WakingConsumer(_RedisConsumer):
         return time.monotonic() - self._last_fetch < int(self.timeout) / 1000
 
     def ack(self, message: MessageProxy) -> None:
-        self._settle("ack", message)
+        broker = self.broker
+        assert isinstance(broker, WhiskyPayRedisBroker)
+        if not broker.settler.running:
+            self._settle("ack", message)
+        elif broker.is_held(message):
+            self.logger.error("Not acknowledging message %s on %r: its retry could not be written, so it stays with "
+                              "this worker and comes back when the worker is restarted.", message.message_id,
+                              self.queue_name)
+            self.settled(message)
+        else:
+            # The process's Settler sends it with the other acks and ledger records of its next round (see
+            # whiskypay.settler); this message counts in the prefetch window until then.
+            broker.settler.ack(self, message)
+
+    def settled(self, message: MessageProxy) -> None:
+        """Forget message (acked, nacked or left to a restart): its slot in the prefetch window is free."""
+        self.queued_message_ids.discard(message.message_id)
+        self.wake.set()
 
     def nack(self, message: MessageProxy) -> None:
         self._settle("nack", message)
@@ -704,13 +726,18 @@ class _WakingConsumer(_RedisConsumer):
         except redis.RedisError as exc:
             broker.halt(exc, what=what)  # it stays in this worker's acks: redelivered after a restart
         finally:
-            self.queued_message_ids.discard(message.message_id)
-            self.wake.set()
+            self.settled(message)
 
     def close(self) -> None:
         # Stock Dramatiq leaves messages fetched but not yet handed out (the rest of a prefetch batch) in this
         # worker's acks when it shuts down: they come back only when maintenance declares the worker dead.
-        # Hand them back now, so a SIGTERMed worker's prefetched messages are picked up at once.
+        # Hand them back now, so a SIGTERMed worker's prefetched messages are picked up at once. First its acks
+        # still queued in the Settler go out (worker threads have stopped by now).
+        broker = self.broker
+        assert isinstance(broker, WhiskyPayRedisBroker)
+        if not broker.settler.flush(self):
+            self.logger.warning("Redis did not take the last acks of %r before shutdown; those messages come back "
+                                "when maintenance finds this worker gone.", self.queue_name)
         try:
             ids = []
             for data in self.message_cache:
