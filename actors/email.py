@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from typing import TYPE_CHECKING
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
@@ -15,10 +16,12 @@ from whiskypay.actor import WhiskyPayActor
 from whiskypay.broker import middleware_of
 from whiskypay.errors import PermanentError
 from whiskypay.ledger import note_attempt
-from whiskypay.mail import Role, compose
 from whiskypay.queues import Queue
 from whiskypay.redaction import mask_address
 from whiskypay.redis_errors import call_through_transient
+
+if TYPE_CHECKING:
+    from whiskypay.mail import Role
 
 logger = dramatiq.get_logger(__name__)
 
@@ -60,6 +63,10 @@ def send_email(
     connection dropped there (the relay may have accepted the email): the recipient may get a second copy, as
     before; only a kill or a time limit (not an Exception) keeps "sending" and so sends nothing more.
     """
+    # The email package's policy and header registry (and the templates) load at the first email: a callback-only
+    # worker never needs them.
+    from whiskypay.mail import compose
+
     broker = dramatiq.get_broker()
     smtp = middleware_of(broker, SmtpClients)
     message = CurrentMessage.get_current_message()

@@ -109,6 +109,16 @@ def secrets_of(settings: Settings) -> tuple[str, ...]:
     return tuple(value for value in values if value)
 
 
+def sentry_release(settings: Settings) -> str | None:
+    """Return the release Sentry events carry: WHISKYPAY_RELEASE, else the installed package's version.
+
+    The version is read (the package metadata parsed) only when a DSN is set: without one nothing is stamped.
+    """
+    if settings.release or not settings.sentry_dsn:
+        return settings.release
+    return f"whiskypay-workers@{version('whiskypay-workers')}"
+
+
 def build_broker(settings: Settings) -> RedisBroker:
     """Build the RedisBroker every process uses (gateway, workers, scheduler, dashboard, tests)."""
     middleware: list[Middleware] = [
@@ -172,7 +182,7 @@ def build_broker(settings: Settings) -> RedisBroker:
         SentryReporting(
             dsn=settings.sentry_dsn.get_secret_value() if settings.sentry_dsn else None,
             environment=settings.environment,
-            release=settings.release or f"whiskypay-workers@{version('whiskypay-workers')}",
+            release=sentry_release(settings),
             secrets=secrets_of(settings),
         ),
         DeadLetterReasons(),
