@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from standardwebhooks.webhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError as ReferenceVerificationError
 
-from tests.helpers import TEST_SECRET, all_queue_keys, queued
+from tests.helpers import TEST_SECRET, all_queue_keys, queued, wait_until
 from whiskypay import ed25519
 from whiskypay.devstack import HttpReceiver, Received
 from whiskypay.schemas import InvalidPayload
@@ -100,6 +100,8 @@ def test_each_merchant_gets_webhooks_only_its_own_secret_verifies_and_equal_even
     assert {hook.headers["webhook-id"] for hook in (a, b, single)} == {"pay_1"}
     # And both merchants' emails for the same event id went out, two each
     assert len(smtp_sink.mails()) == 4 and len(receiver.requests()) == 3
-    # And the worker's log lines name the merchant
+    # And the worker's log lines name the merchant (they reach the log within LogBatching's interval)
+    wait_until(lambda: "merchant=m_a" in worker.log() and "merchant=m_b" in worker.log(), timeout_s=5,
+               what="both merchants' log lines")
     log = worker.log()
     assert "merchant=m_a" in log and "merchant=m_b" in log

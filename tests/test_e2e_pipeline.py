@@ -380,6 +380,7 @@ def test_addresses_with_an_apostrophe_are_masked_in_logs_sentry_the_cli_and_the_
         thread.join(5)
     assert all(page.status_code == 200 for page in pages)
     # Then neither address shows anywhere, each is masked to its first character and domain
+    wait_until(lambda: "to=j***@example.com sent" in worker.log(), timeout_s=5, what="the buyer's sent line")
     log = worker.log()
     sentry_raw = b"".join(sentry.bodies()).decode()
     shown = {"worker log": log, "sentry": sentry_raw, "cli": listed, "dashboard": "".join(p.text for p in pages)}

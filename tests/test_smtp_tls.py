@@ -128,7 +128,7 @@ def test_a_worker_trusting_the_private_ca_delivers_both_emails_over_tls_without_
         f"<{message_id}.merchant@whiskypay.test>",
     }
     assert dead_letters(redis_client, "emailQueue") == []
-    assert "sent" in worker.log()
+    wait_until(lambda: "sent" in worker.log(), timeout_s=5, what="the sent lines in the log")  # batched: LogBatching
     assert SMTP_PASSWORD not in worker.log()
 
 

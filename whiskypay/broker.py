@@ -19,6 +19,7 @@ from middleware.durable_redis import DurableRedis
 from middleware.http_client import HttpClients
 from middleware.idempotency import IdempotentEnqueue
 from middleware.ledger import DeliveryLedger
+from middleware.log_batching import LogBatching
 from middleware.merchant_breakers import MerchantBreakers
 from middleware.outcome_counters import OutcomeCounters
 from middleware.periodic import PeriodicTicks
@@ -122,6 +123,9 @@ def sentry_release(settings: Settings) -> str | None:
 def build_broker(settings: Settings) -> RedisBroker:
     """Build the RedisBroker every process uses (gateway, workers, scheduler, dashboard, tests)."""
     middleware: list[Middleware] = [
+        # First, so its after_worker_shutdown runs last (after_* hooks run in reverse): the lines the others log while
+        # the worker stops are sent with the rest. Worker processes only (after_process_boot).
+        LogBatching(),
         # Dramatiq's defaults, minus Retries (QueueRetryPolicy below takes its place).
         AgeLimit(),
         TimeLimit(),
