@@ -98,7 +98,7 @@ class Rider(Protocol):
     def take(self, most: int) -> list[LedgerOp]:
         """Remove and return up to most records for this round."""
 
-    def settled(self, batch: list[LedgerOp], replies: list[Any]) -> None:
+    def settled(self, batch: list[LedgerOp], replies: list[Any]) -> object:
         """Redis ran the round: one reply per record of batch (text starting "error: " for a refused one)."""
 
     def refused(self, batch: list[LedgerOp], exc: BaseException) -> None:
