@@ -1,4 +1,4 @@
-"""WhiskyPay Workers configuration: one pydantic-settings object, read once from WHISKYPAY_* variables.
+"""WhiskyPay Workers configuration: one pydantic settings object, read once from WHISKYPAY_* variables (and .env).
 
 Only the broker factory (`whiskypay.broker.build_broker`), the command line and the tests call
 `get_settings()`; every component takes plain constructor arguments. Secrets are `SecretStr` so that
@@ -9,16 +9,22 @@ Each value is parsed once, into a typed field, by the parser of its domain (neve
 do not import settings): the webhook secret by `whiskypay.signing` (`webhook_keys`), durations and schedules
 by `whiskypay.retrying`. Each queue's retry variables (WHISKYPAY_CALLBACK_*, WHISKYPAY_EMAIL_*) make one
 nested `QueueRetry`, and `retry_policies` holds the `RetryPolicy` of every queue.
+
+The variables are read by `read_environment` into a pydantic model, as pydantic-settings would (prefix, any case,
+empty ones unset, `.env` under the environment): pydantic-settings itself cost every worker process 3.3 MiB and
+its imports (asyncio, argparse and its other sources) before the first webhook (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 import ssl
-from typing import TYPE_CHECKING, Annotated, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -32,7 +38,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from whiskypay.errors import ConfigurationError
 from whiskypay.queues import Queue
@@ -44,11 +49,35 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENV_PREFIX", "MAX_DELAY_MS", "ConfigurationError", "QueueRetry", "Settings", "WebhookSecret", "get_settings",
-    "load_settings", "variable_names",
+    "load_settings", "read_environment", "variable_names",
 ]
 
 #: Every variable starts with this prefix.
 ENV_PREFIX = "WHISKYPAY_"
+
+#: The file read under the environment (in the working directory), when it exists.
+ENV_FILE = ".env"
+
+
+def read_environment(environ: Mapping[str, str], *, env_file: str | None = ENV_FILE) -> dict[str, str]:
+    """Return the WHISKYPAY_* variables of env_file (when it exists) and environ, by lowercase field name.
+
+    The prefix matches in any case (`whiskypay_namespace` too), a variable set to "" counts as unset, and environ
+    wins over the file, whose lines python-dotenv parses (`export`, quotes, comments).
+    """
+    sources: list[Mapping[str, str | None]] = []
+    if env_file and os.path.isfile(env_file):
+        from dotenv import dotenv_values
+
+        sources.append(dotenv_values(env_file))
+    sources.append(environ)
+    prefix = ENV_PREFIX.lower()
+    values: dict[str, str] = {}
+    for source in sources:
+        for name, value in source.items():
+            if value and name.lower().startswith(prefix):
+                values[name.lower()[len(prefix):]] = value
+    return values
 
 
 class WebhookSecret(SecretStr):
@@ -103,7 +132,7 @@ class QueueRetry(BaseModel):
     backoff_ms: int = Field(gt=0, le=MAX_DELAY_MS)
     max_backoff_ms: int = Field(default=MAX_DELAY_MS, gt=0, le=MAX_DELAY_MS)
     jitter: float = Field(default=0.0, ge=0.0, le=1.0)
-    schedule: Annotated[tuple[int, ...], NoDecode, BeforeValidator(_schedule)] = ()
+    schedule: Annotated[tuple[int, ...], BeforeValidator(_schedule)] = ()
 
     @classmethod
     def of(cls, policy: RetryPolicy) -> QueueRetry:
@@ -182,15 +211,17 @@ def parse_sentry_dsn(dsn: str) -> Dsn:
     raise ValueError(f"is not a Sentry DSN ({reason}); {SENTRY_DSN_FIX}") from None
 
 
-class Settings(BaseSettings):
-    """Every setting of the service; see the README's settings table for meanings."""
+class Settings(BaseModel):
+    """Every setting of the service; see the README's settings table for meanings.
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", env_ignore_empty=True, extra="ignore", hide_input_in_errors=True,
-        frozen=True,
-        # WHISKYPAY_CALLBACK_ATTEMPTS is `callback.attempts`: one split after the queue's part of the name.
-        env_nested_delimiter="_", env_nested_max_split=1,
-    )
+    `Settings(**values)` reads the environment (`read_environment`; `_env_file=None` skips .env) under values.
+    WHISKYPAY_CALLBACK_ATTEMPTS is `callback.attempts`: `_fold_queue_arguments` nests each queue's variables.
+    """
+
+    model_config = ConfigDict(extra="ignore", hide_input_in_errors=True, frozen=True, validate_default=True)
+
+    def __init__(self, _env_file: str | None = ENV_FILE, **values: Any) -> None:
+        super().__init__(**{**read_environment(os.environ, env_file=_env_file), **values})
 
     # Broker.
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
@@ -206,7 +237,7 @@ class Settings(BaseSettings):
     maintenance_interval_ms: int = Field(default=10_000, ge=100)
     #: Find the primary through these Redis Sentinels ("host:port,host:port"); WHISKYPAY_REDIS_URL then gives
     #: only the primary's username, password, database and TLS (its host and port are not used).
-    redis_sentinels: Annotated[tuple[tuple[str, int], ...], NoDecode, BeforeValidator(parse_sentinels)] = ()
+    redis_sentinels: Annotated[tuple[tuple[str, int], ...], BeforeValidator(parse_sentinels)] = ()
     #: The name the Sentinels monitor the primary under (`sentinel monitor <name> ...`).
     redis_sentinel_master: str | None = None
     #: The Sentinels' own credentials (`requirepass` / ACL user of the sentinel processes), if they need any.
@@ -323,6 +354,12 @@ class Settings(BaseSettings):
             return data
         data = dict(data)
         for field in _RETRY_FIELDS:
+            if isinstance(data.get(field), str):  # WHISKYPAY_CALLBACK='{"attempts": 7}': the whole policy as JSON
+                try:
+                    data[field] = json.loads(data[field])
+                except ValueError:
+                    raise ValueError(f"{ENV_PREFIX}{field.upper()} is not a JSON object of its parts; set "
+                                     f"{ENV_PREFIX}{field.upper()}_ATTEMPTS and the like instead") from None
             parts = {
                 name.removeprefix(f"{field}_"): data.pop(name) for name in list(data)
                 if name.startswith(f"{field}_") and name.removeprefix(f"{field}_") in QueueRetry.model_fields
