@@ -21,7 +21,7 @@ from whiskypay.ledger import (
     LedgerWriter,
     attempt_op,
     job_kind,
-    pending_op,
+    pending_args,
     stage_pending,
     start_notes,
     take_notes,
@@ -97,9 +97,9 @@ class DeliveryLedger(Middleware):
     def before_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
         if not isinstance(broker, RedisBroker) or getattr(broker, "enqueue_waits_for_redis", False):
             return
-        op = pending_op(self.config(broker), message, now_ms=self._now_ms())
-        if op is not None:
-            stage_pending(message.options["redis_message_id"], op)
+        args = pending_args(self.config(broker), message, now_ms=self._now_ms())
+        if args is not None:
+            stage_pending(message.options["redis_message_id"], args)
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         if job_kind(message.actor_name) is None:

@@ -19,7 +19,7 @@ from dramatiq import Message, Worker
 from middleware.ledger import DeliveryLedger
 from middleware.retry_policy import QueueRetryPolicy
 from tests.helpers import NAMESPACE, dead_letters, wait_until
-from whiskypay import ledger
+from whiskypay import keys, ledger
 from whiskypay.errors import Deferred, HttpStatusError
 from whiskypay.ledger import LedgerConfig, LedgerWriter, Payment, load_payments, note_attempt, resolve
 from whiskypay.redis_broker import WhiskyPayRedisBroker
@@ -301,6 +301,100 @@ def test_a_merchants_payments_are_indexed_newest_first_and_the_cap_drops_them_fr
     assert ledger.merchant_payments(redis_client, NAMESPACE, "acme", start=1, num=1) == pids[1:2]
     assert ledger.merchant_payments(redis_client, NAMESPACE, "acme:eu") == []
     assert 0 < redis_client.pttl(ledger.merchant_index_key(NAMESPACE, "acme")) <= 3600_000
+
+
+def _email_job(event_id: str | None = None, merchant_id: str | None = None) -> Message[Any]:
+    kwargs: dict[str, Any] = {"buyer_email": BUYER, "merchant_email": "owner@merchant.example", "plan": "pro",
+                              "saas_name": "Acme"}
+    if event_id:
+        kwargs["event_id"] = event_id
+    if merchant_id:
+        kwargs["merchant_id"] = merchant_id
+    return Message(queue_name="emailQueue", actor_name="send_email", args=(), kwargs=kwargs, options={})
+
+
+def _with_options(message: Message[Any], **options: Any) -> Message[Any]:
+    return message.copy(options=options)
+
+
+def _ledger_dump(client: redis.Redis, namespace: str) -> dict[str, tuple[str, Any, int]]:
+    """Every ledger key of namespace, named without its prefix: (type, value, TTL in ms or -1 for none)."""
+    prefix = ledger.ledger_prefix(namespace)
+    read = {
+        "hash": client.hgetall, "string": client.get, "list": lambda key: client.lrange(key, 0, -1),
+        "zset": lambda key: client.zrange(key, 0, -1, withscores=True),
+    }
+    dump = {}
+    for raw in client.keys(f"{prefix}*"):
+        kind = keys.text(client.type(raw))
+        dump[keys.text(raw).removeprefix(prefix)] = (kind, read[kind](raw), int(client.pttl(raw)))
+    return dump
+
+
+#: Sequences of ledger writes: ("pending", message) at send(), or ("state", message, state) (an attempt's, the
+#: breaker's parked), each a millisecond after the one before.
+PENDING_SCENARIOS: dict[str, list[tuple[Any, ...]]] = {
+    "a callback with an event id": [("pending", _callback(event_id="pay_a"))],
+    "a callback without one": [("pending", _callback())],
+    "a merchant's callback with a webhook_id of its own": [
+        ("pending", _with_options(_callback(event_id="pay_b", merchant_id="acme"), webhook_id="wh_own"))],
+    "an email job without an event id": [("pending", _email_job())],
+    "the email job, then the callback of one payment": [
+        ("pending", _email_job(event_id="pay_c", merchant_id="acme")),
+        ("pending", _callback(event_id="pay_c", merchant_id="acme"))],
+    "the callback delivered, then the email job, then another callback of the event": [
+        ("pending", _callback(event_id="pay_d")), ("state", _callback(event_id="pay_d"), "delivered"),
+        ("pending", _email_job(event_id="pay_d")), ("pending", _callback(event_id="pay_d"))],
+    "a webhook's second delivery (a resend) after its first failed": [
+        ("pending", _callback(event_id="pay_e")), ("state", _callback(event_id="pay_e"), "failed"),
+        ("pending", _with_options(_callback(event_id="pay_e"), **{ledger.DELIVERY_OPTION: 2})),
+        ("pending", _callback(event_id="pay_e"))],
+    "five payments over a cap of three": [
+        ("pending", _callback(event_id=f"pay_f{n}", merchant_id="acme" if n % 2 else None,
+                              email=f"b{n}@example.com"))
+        for n in range(5)],
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(PENDING_SCENARIOS))
+def test_the_enqueues_pending_record_writes_what_the_ledgers_own_write_does(
+    redis_client: redis.Redis, scenario: str
+) -> None:
+    # Given the same writes, once through ledger_write (pending_op) and once through the enqueue script's own
+    # pending record (pending_args), each in a namespace of its own
+    steps = PENDING_SCENARIOS[scenario]
+    general, lean = f"{NAMESPACE}-general", f"{NAMESPACE}-lean"
+    configs = {ns: LedgerConfig(namespace=ns, retention_s=3600, max_payments=3) for ns in (general, lean)}
+    broker = WhiskyPayRedisBroker(client=redis_client, namespace=lean, middleware=[])
+    writer = LedgerWriter(redis_client)
+    now = int(time.time() * 1000)
+    try:
+        for n, (what, message, *state) in enumerate(steps):
+            for ns, config in configs.items():
+                if what == "state":
+                    op = ledger.state_op(config, message, state[0], now_ms=now + n)
+                    assert op is not None
+                    writer.write(op)
+                elif ns == general:
+                    op = ledger.pending_op(config, message, now_ms=now + n)
+                    assert op is not None
+                    writer.write(op, data=message.encode())
+                else:
+                    redis_id = f"r{n}"
+                    args = ledger.pending_args(config, message, now_ms=now + n)
+                    assert args is not None
+                    ledger.stage_pending(redis_id, args)
+                    broker.do_enqueue(message.queue_name, redis_id, message.encode(), holder=message.message_id)
+    finally:
+        broker.close()
+    # Then both wrote the same keys, fields, members and scores, with the same TTLs (to the second)
+    written = {ns: _ledger_dump(redis_client, ns) for ns in (general, lean)}
+    assert written[general], "the scenario wrote nothing"
+    assert sorted(written[lean]) == sorted(written[general])
+    for name, (kind, value, ttl) in written[general].items():
+        lean_kind, lean_value, lean_ttl = written[lean][name]
+        assert (lean_kind, lean_value) == (kind, value), name
+        assert (lean_ttl < 0) == (ttl < 0) and abs(lean_ttl - ttl) < 1000, (name, ttl, lean_ttl)
 
 
 def test_records_and_their_indexes_expire_after_the_retention(redis_client: redis.Redis) -> None:

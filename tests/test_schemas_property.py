@@ -362,3 +362,30 @@ def test_the_fast_email_check_accepts_nothing_email_validator_refuses(value: str
         return
     event("accepted")
     email_validator.validate_email(value, check_deliverability=False)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["redis_message_id", "webhook_id", "failure_class", "eta", "retries", "whatever"]),
+        st.one_of(st.text(alphabet="az09_.:-\n é/", max_size=140), st.none(), st.integers(-1, 3)),
+        max_size=4,
+    )
+)
+@settings(max_examples=1500, deadline=None)
+def test_the_options_fast_path_decides_as_the_model_does(options: dict[str, Any]) -> None:
+    # Given any options, validate_options (whose fast path skips the model for identifier options) accepts them
+    # exactly when MessageOptions does
+    from whiskypay.schemas import MessageOptions, validate_options
+
+    try:
+        MessageOptions.model_validate(options)
+        expected = True
+    except ValidationError:
+        expected = False
+    try:
+        validate_options(options, allow_unknown=False)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    event("accepted" if accepted else "refused")
+    assert accepted == expected

@@ -34,6 +34,7 @@ parked. An attempt's outcome: delivered, failed (deferrals are not attempts and 
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import json
 import re
@@ -44,7 +45,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from whiskypay import keys
-from whiskypay.redaction import error_summary, mask_address, scrub_text
+from whiskypay.redaction import error_summary, mask_address, scrub_text, url_host
 
 if TYPE_CHECKING:
     import redis
@@ -633,19 +634,180 @@ class LedgerWriter:
             return self.client.evalsha(self.sha, len(op.keys), *op.keys, *op.args(data))
 
 
-#: The pending record of the message being enqueued in this context, staged by the ledger middleware's
-#: before_enqueue and taken by the broker's enqueue, which writes it in the same round trip.
-_staged: contextvars.ContextVar[tuple[str, LedgerOp] | None] = contextvars.ContextVar(
+# --------------------------------------------------------------------------------------------------------------------
+# The pending record at send(): its own lean write, inside the enqueue's script
+# --------------------------------------------------------------------------------------------------------------------
+
+#: The pending record of a job at send(): what ledger_write does with pending_op's write (same keys, fields,
+#: states, TTLs and cap), without its generality. It is written once per send(), inside the enqueue's own
+#: script (whiskypay.redis_broker.ENQUEUE_WITH_LEDGER_LUA), so it is lean: positional arguments (no JSON to
+#: decode), the keys built here from the prefix (as the cap and LEDGER_BATCH_LUA do), and on a new payment one
+#: HSET for every field and state, SET ... PX for the stored message and the message index (no PTTL/PEXPIRE
+#: pair), PTTL/PEXPIRE only on the indexes other payments share. 14 commands for a callback with an event id
+#: and a buyer address, against ledger_write's 22. A[at..]: now (unix ms), ttl (ms), cap, prefix, pid, the job
+#: ("w<delivery>" or "e"), then the values of its PENDING_FIELDS (in their order; "" for a field the job does
+#: not have). data: the encoded message (stored for a webhook's `resend`). tests/test_ledger.py checks it writes what
+#: ledger_write writes.
+LEDGER_PENDING_LUA = """
+local PENDING_FIELDS = {
+    w = {"eid", "mer", "w.mid", "w.wid", "w.q", "w.host", "w.ad"},
+    e = {"eid", "mer", "e.mid", "e.q", "e.b.to", "e.ad", "e.m.to"},
+}
+local function ledger_pending(data, A, at)
+    local now, ttl, cap, prefix, pid, job = A[at], tonumber(A[at + 1]), tonumber(A[at + 2]), A[at + 3], A[at + 4],
+        A[at + 5]
+    local kind, delivery = string.sub(job, 1, 1), tonumber(string.sub(job, 2)) or 0
+    local v, init = {}, {"t0", now}
+    for i, name in ipairs(PENDING_FIELDS[kind]) do
+        local value = A[at + 5 + i]
+        if value ~= "" then
+            v[name] = value
+            init[#init + 1] = name
+            init[#init + 1] = value
+        end
+    end
+    local states = kind == "w" and {"w.state"} or {"e.b.state", "e.m.state"}
+    local P, T = prefix .. "p:" .. pid, prefix .. "t"
+    local left = ttl
+    local fresh = {}
+    local existed = redis.call("exists", P) == 1
+    if not existed then
+        for i = 1, #init, 2 do fresh[init[i]] = true end
+        for _, name in ipairs(states) do
+            init[#init + 1] = name
+            init[#init + 1] = "pending"
+        end
+        if kind == "w" then
+            init[#init + 1] = "w.n"
+            init[#init + 1] = delivery
+        end
+        redis.call("hset", P, unpack(init))
+        redis.call("pexpire", P, ttl)
+    else
+        -- The payment's other job came first: its fields stay, and pending goes only where there is no state
+        -- yet, or on a newer delivery of the webhook (as ledger_write).
+        for i = 1, #init, 2 do
+            if redis.call("hsetnx", P, init[i], init[i + 1]) == 1 then fresh[init[i]] = true end
+        end
+        local p_left = redis.call("pttl", P)
+        if p_left < 0 then redis.call("pexpire", P, ttl) else left = math.max(p_left, 1) end
+        local newer = false
+        if kind == "w" then
+            local current = tonumber(redis.call("hget", P, "w.n") or "0")
+            if delivery < current then states = {} elseif delivery > current then newer = true end
+        end
+        for _, name in ipairs(states) do
+            if newer or not redis.call("hget", P, name) then redis.call("hset", P, name, "pending") end
+        end
+        if newer then redis.call("hset", P, "w.n", delivery) end
+    end
+    local function keep(key)
+        local current = redis.call("pttl", key)
+        if current ~= -2 and current < left then redis.call("pexpire", key, left) end
+    end
+    if kind == "w" then
+        redis.call("set", prefix .. "w:" .. pid, data, "NX", "PX", left)
+    end
+    local eid = v["eid"]
+    if eid then
+        local key = prefix .. "ev:" .. eid
+        redis.call("hset", key, pid, "1")
+        keep(key)
+        redis.call("set", prefix .. "m:" .. v[kind .. ".mid"], pid, "PX", left)
+    end
+    if v["mer"] then
+        local key = prefix .. "mer:" .. v["mer"]
+        redis.call("zadd", key, "NX", now, pid)
+        redis.call("zremrangebyscore", key, "-inf", now - ttl)
+        keep(key)
+    end
+    local digest = v[kind .. ".ad"]
+    if digest and fresh[kind .. ".ad"] then
+        local key = prefix .. "addr:" .. digest
+        redis.call("hset", key, pid, "1")
+        keep(key)
+    end
+    local wid = v["w.wid"]
+    if wid and wid ~= eid and wid ~= "msg_" .. v["w.mid"] then
+        redis.call("set", prefix .. "wh:" .. wid, pid, "PX", left)
+    end
+    redis.call("zadd", T, "NX", now, pid)
+    if not existed then
+        -- The cap, as in ledger_write: a new payment beyond it drops the oldest with every key pointing at them.
+        redis.call("zremrangebyscore", T, "-inf", now - ttl)
+        local n = redis.call("zcard", T)
+        if n > cap then
+            local old = redis.call("zpopmin", T, math.min(n - cap, 16))
+            for i = 1, #old, 2 do
+                local gone = old[i]
+                local pk = prefix .. "p:" .. gone
+                local f = redis.call("hmget", pk, "eid", "w.mid", "e.mid", "w.wid", "w.ad", "e.ad", "mer")
+                if f[1] then redis.call("hdel", prefix .. "ev:" .. f[1], gone) end
+                if f[7] then redis.call("zrem", prefix .. "mer:" .. f[7], gone) end
+                for _, name in ipairs({"m:" .. (f[2] or ""), "m:" .. (f[3] or ""), "wh:" .. (f[4] or "")}) do
+                    local k = prefix .. name
+                    if redis.call("get", k) == gone then redis.call("del", k) end
+                end
+                for _, d in ipairs({f[5] or "", f[6] or ""}) do
+                    if d ~= "" then redis.call("hdel", prefix .. "addr:" .. d, gone) end
+                end
+                redis.call("del", pk, prefix .. "a:" .. gone, prefix .. "w:" .. gone)
+            end
+        end
+    end
+    return existed and 1 or 0
+end
+"""
+
+
+@functools.lru_cache(maxsize=16)
+def _pending_constants(config: LedgerConfig) -> tuple[bytes, bytes, bytes]:
+    # Encoded once: redis-py passes bytes through, where it would type-check and encode a str at every send.
+    return str(config.retention_s * 1000).encode(), str(config.max_payments).encode(), \
+        ledger_prefix(config.namespace).encode()
+
+
+def pending_args(config: LedgerConfig, message: Message[Any] | Any, *, now_ms: int) -> list[str | bytes] | None:
+    """Return LEDGER_PENDING_LUA's arguments entering message's job as `pending` at send() (None: not recorded).
+
+    The same record as pending_op's (not a replay), for the enqueue's script: see LEDGER_PENDING_LUA.
+    """
+    kind = KINDS.get(message.actor_name)
+    if kind is None:
+        return None
+    kwargs = message.kwargs or {}
+    event_id, merchant_id = _kwarg(message, "event_id"), _kwarg(message, "merchant_id")
+    message_id = message.message_id
+    pid = payment_id(event_id=event_id, merchant_id=merchant_id, message_id=message_id)
+    ttl, cap, prefix = _pending_constants(config)
+    queue = _queue(message)
+    if kind == "webhook":
+        webhook_id = str(message.options.get("webhook_id") or event_id or f"msg_{message_id}")
+        email = _kwarg(message, "email")
+        job = f"w{delivery_of(message)}"
+        values = [webhook_id, queue, url_host(kwargs.get("callback_url")) or "",
+                  keys.address_digest(email) if email else ""]
+    else:
+        buyer, seller = _kwarg(message, "buyer_email"), _kwarg(message, "merchant_email")
+        job = "e"
+        values = [queue, mask_address(buyer) if buyer else "", keys.address_digest(buyer) if buyer else "",
+                  mask_address(seller) if seller else ""]
+    return [str(now_ms), ttl, cap, prefix, pid, job, event_id or "", merchant_id or "", message_id, *values]
+
+
+#: The pending record of the message being enqueued in this context (pending_args), staged by the ledger
+#: middleware's before_enqueue and taken by the broker's enqueue, which writes it in the same round trip.
+_staged: contextvars.ContextVar[tuple[str, list[str | bytes]] | None] = contextvars.ContextVar(
     "whiskypay_ledger_staged", default=None
 )
 
 
-def stage_pending(redis_message_id: str, op: LedgerOp) -> None:
-    """Stage op to be written with the enqueue of the message whose Redis id is redis_message_id."""
-    _staged.set((redis_message_id, op))
+def stage_pending(redis_message_id: str, args: list[str | bytes]) -> None:
+    """Stage a pending record (pending_args) to be written with the enqueue of the message redis_message_id."""
+    _staged.set((redis_message_id, args))
 
 
-def take_pending(redis_message_id: str) -> LedgerOp | None:
+def take_pending(redis_message_id: str) -> list[str | bytes] | None:
     """Return (and unstage) the pending record staged for redis_message_id, or None."""
     staged = _staged.get()
     if staged is None or staged[0] != redis_message_id:

@@ -65,7 +65,7 @@ from redis.commands.core import Script
 
 from whiskypay import keys
 from whiskypay.errors import DuplicateEvent, InvalidPayload, NotReplicated
-from whiskypay.ledger import LEDGER_FUNCTION_LUA, take_pending
+from whiskypay.ledger import LEDGER_PENDING_LUA, take_pending
 from whiskypay.outcomes import failure_options
 from whiskypay.redaction import masked_sample
 from whiskypay.redis_errors import (
@@ -144,27 +144,25 @@ end
 return {"enqueued"}
 """
 
-#: ENQUEUE_LUA plus the delivery ledger's `pending` record (whiskypay.ledger), in the same call: after the RPUSH
-#: (the commit point), under pcall, so a refused ledger write never turns an accepted enqueue into an error;
-#: the reply then carries it: {"enqueued", "ledger: <error>"}. Extra KEYS[6..]: the ledger write's keys; extra
-#: ARGV[7], ARGV[8]: its op and ids (LedgerOp.args; its message is ARGV[2], the encoded message). Without
-#: them (no ledger, a worker's enqueue) it is ENQUEUE_LUA.
+#: ENQUEUE_LUA plus the delivery ledger's `pending` record (whiskypay.ledger.LEDGER_PENDING_LUA), in the same
+#: call: after the RPUSH (the commit point), under pcall, so a refused ledger write never turns an accepted enqueue
+#: into an error; the reply then carries it: {"enqueued", "ledger: <error>"}. Extra ARGV[7..]: the record's
+#: arguments (whiskypay.ledger.pending_args; its message is ARGV[2], the encoded message; its keys are built from
+#: the ledger prefix it carries). Without them (no ledger, a worker's enqueue) it is ENQUEUE_LUA.
 _ENQUEUE_COMMIT_WITH_LEDGER = b"""
 end
-if #KEYS > 5 then
-    local ledger_keys = {}
-    for i = 6, #KEYS do ledger_keys[#ledger_keys + 1] = KEYS[i] end
-    local ok, problem = pcall(ledger_write, ledger_keys, {ARGV[7], data, ARGV[8]})
+if #ARGV > 6 then
+    local ok, problem = pcall(ledger_pending, data, ARGV, 7)
     if not ok then
         return {"enqueued", "ledger: " .. tostring(type(problem) == "table" and problem.err or problem)}
     end
 end
 return {"enqueued"}
 """
-ENQUEUE_WITH_LEDGER_LUA = LEDGER_FUNCTION_LUA.encode() + ENQUEUE_LUA.replace(
+ENQUEUE_WITH_LEDGER_LUA = LEDGER_PENDING_LUA.encode() + ENQUEUE_LUA.replace(
     _ENQUEUE_COMMIT, _ENQUEUE_COMMIT_WITH_LEDGER
 )
-assert ENQUEUE_WITH_LEDGER_LUA.count(b"ledger_write, ledger_keys") == 1, "ENQUEUE_LUA's commit tail changed"
+assert ENQUEUE_WITH_LEDGER_LUA.count(b"pcall(ledger_pending") == 1, "ENQUEUE_LUA's commit tail changed"
 
 #: Undo what a refused ENQUEUE_LUA call may have left: its reservation (only if it still names this message) and
 #: the message's hash entry (not in the queue's list: the RPUSH is the last command).
@@ -330,6 +328,8 @@ class WhiskyPayRedisBroker(RedisBroker):
         self.replica_ack_timeout_ms = replica_ack_timeout_ms
         self.enqueue_waits_for_redis = False
         self._last_maintenance: dict[str, int] = {}
+        #: Per queue name: its list, its messages hash and its wake channel, encoded (see _enqueue_keys_args).
+        self._queue_names: dict[str, tuple[bytes, bytes, bytes]] = {}
         self.waker = QueueWaker(self.client, self.namespace)
         # do_enqueue runs ENQUEUE_LUA; dispatch's own enqueue still publishes for any other caller of it.
         self.scripts["dispatch"] = self.client.register_script(_scripts["dispatch"] + keys.WAKE_ON_ENQUEUE_LUA)
@@ -501,22 +501,27 @@ class WhiskyPayRedisBroker(RedisBroker):
     ) -> tuple[list[str], list[Any]]:
         """Return ENQUEUE_LUA's KEYS and ARGV (documented with the script)."""
         moving = moved_from is not None and not queue_name.endswith(".DQ")
-        names = [
-            keys.queue(self.namespace, queue_name),
-            keys.messages(self.namespace, queue_name),
+        queue_names = self._queue_names.get(queue_name)
+        if queue_names is None:
+            # Encoded once per queue: redis-py passes bytes through, where it type-checks and encodes a str.
+            queue_names = self._queue_names[queue_name] = (
+                keys.queue(self.namespace, queue_name).encode(), keys.messages(self.namespace, queue_name).encode(),
+                self.waker.channel(queue_name).encode(),
+            )
+        names: list[Any] = [
+            queue_names[0],
+            queue_names[1],
             reservation.key if reservation else "",
             keys.acks(self.namespace, self.broker_id, dq_name(queue_name)) if moving else "",
             keys.messages(self.namespace, dq_name(queue_name)) if moving else "",
         ]
-        args = [
-            message_id, data, holder, reservation.ttl_s if reservation else 0, self.waker.channel(queue_name),
+        args: list[Any] = [
+            message_id, data, holder, reservation.ttl_s if reservation else 0, queue_names[2],
             moved_from if moving else "",
         ]
         pending = take_pending(message_id)  # the delivery ledger's, staged by DeliveryLedger.before_enqueue
         if pending is not None:
-            op, _, ids = pending.args()
-            names += pending.keys
-            args += [op, ids]
+            args += pending
         return names, args
 
     def _enqueue_once(self, queue_name: str, names: list[str], args: list[Any]) -> Any:
@@ -581,7 +586,7 @@ class WhiskyPayRedisBroker(RedisBroker):
         try:
             self.scripts["whiskypay_release"](keys=[names[2] if release else "", names[1]], args=[holder, message_id])
         except redis.RedisError as exc:
-            self.logger.warning("Could not undo a refused enqueue on %r (%s).", names[0], describe(exc))
+            self.logger.warning("Could not undo a refused enqueue on %r (%s).", keys.text(names[0]), describe(exc))
 
     def halt(self, exc: BaseException, *, what: str) -> None:
         """Stop taking messages after a Redis configuration error; report it (Sentry and the log) once.

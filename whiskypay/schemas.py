@@ -87,7 +87,7 @@ def _check_url(value: str, *, https_only: bool, field: str) -> str:
         raise ValueError(f"must be an absolute {' or '.join(allowed)} URL, got scheme {parts.scheme!r}{hint}")
     if not parts.hostname:
         raise ValueError("must have a host")
-    if parts.username is not None or parts.password is not None:
+    if "@" in parts.netloc:  # exactly when parts.username or parts.password is not None (urllib's _userinfo)
         raise ValueError("must not carry credentials (user:password@); use the webhook signature instead")
     return value
 
@@ -246,6 +246,9 @@ _MAX_DELAY_MS = 7 * 24 * 60 * 60 * 1000
 _Ms = Annotated[int, Field(ge=0, le=_MAX_DELAY_MS)]
 _UnixMs = Annotated[int, Field(ge=0, lt=2**53)]
 _Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")]
+#: _Identifier's pattern, and the options that are _Identifier and nothing else (validate_options' fast path).
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+_IDENTIFIER_OPTIONS = frozenset({"webhook_id", "redis_message_id", "failure_class"})
 
 
 class MessageOptions(BaseModel):
@@ -287,6 +290,9 @@ def validate_options(options: dict[str, Any], *, allow_unknown: bool) -> None:
     Parameters:
       allow_unknown: Pass options this service does not know (a message already in a queue), checking the rest.
     """
+    if all(type(value) is str and name in _IDENTIFIER_OPTIONS and _IDENTIFIER.fullmatch(value)
+           for name, value in options.items()):
+        return  # what every send() carries (its redis_message_id): valid, without building the model
     known = options if not allow_unknown else {k: v for k, v in options.items() if k in MessageOptions.model_fields}
     MessageOptions.model_validate(known)
 
