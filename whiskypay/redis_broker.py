@@ -101,8 +101,9 @@ ENQUEUE_LUA = b"""
 -- ARGV[3]  message id            (stable across retries): the reservation's holder
 -- ARGV[4]  the reservation's time to live, in seconds
 -- ARGV[5]  the wake channel      <ns>:wake:<queue> (QueueWaker), so an idle consumer fetches at once
--- KEYS[4]  this worker's ack set of the delay queue <ns>:__acks__.<worker>.<queue>.DQ, or "" (with KEYS[5], ARGV[6])
--- KEYS[5]  the delay queue's messages <ns>:<queue>.DQ.msgs, or ""
+-- KEYS[4]  this worker's ack set of the delay queue <ns>:__acks__.<worker>.<queue>.DQ (with KEYS[5], ARGV[6]);
+--          absent when ARGV[6] is ""
+-- KEYS[5]  the delay queue's messages <ns>:<queue>.DQ.msgs; absent when ARGV[6] is ""
 -- ARGV[6]  for a delayed message coming due: the redis id of its delay-queue copy, acked here, or ""
 -- Returns {"enqueued"}, or {"duplicate", holder} when another message holds the reservation (nothing written).
 --
@@ -115,17 +116,15 @@ local redis_id, data, holder, ttl, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4],
 if redis.call("hexists", messages, redis_id) == 1 then
     return {"enqueued"}  -- this very call ran before and its reply was lost
 end
-local current = false
-if reservation ~= "" then
-    current = redis.call("get", reservation)
-    if current and current ~= holder then
+-- The reservation: taken (one command in the common case), or already this message's (its own retry), or
+-- another message's: then nothing is written.
+if reservation ~= "" and not redis.call("set", reservation, holder, "NX", "EX", ttl) then
+    local current = redis.call("get", reservation)
+    if current ~= holder then
         return {"duplicate", current}
     end
 end
 redis.call("publish", channel, "1")
-if reservation ~= "" and not current then
-    redis.call("set", reservation, holder, "EX", ttl)
-end
 redis.call("hset", messages, redis_id, data)
 redis.call("rpush", queue, redis_id)
 -- A delayed message coming due is moved, not copied: its delay-queue copy is acked in this same call (after the
@@ -162,7 +161,7 @@ return {"enqueued"}
 ENQUEUE_WITH_LEDGER_LUA = LEDGER_PENDING_LUA.encode() + ENQUEUE_LUA.replace(
     _ENQUEUE_COMMIT, _ENQUEUE_COMMIT_WITH_LEDGER
 )
-assert ENQUEUE_WITH_LEDGER_LUA.count(b"pcall(ledger_pending") == 1, "ENQUEUE_LUA's commit tail changed"
+assert ENQUEUE_WITH_LEDGER_LUA.count(b"pcall(ledger_pending, data") == 1, "ENQUEUE_LUA's commit tail changed"
 
 #: Undo what a refused ENQUEUE_LUA call may have left: its reservation (only if it still names this message) and
 #: the message's hash entry (not in the queue's list: the RPUSH is the last command).
@@ -522,6 +521,8 @@ class WhiskyPayRedisBroker(RedisBroker):
         pending = take_pending(message_id)  # the delivery ledger's, staged by DeliveryLedger.before_enqueue
         if pending is not None:
             args += pending
+        if not moving:
+            del names[3:]  # KEYS[4] and KEYS[5] are read only for a move: fewer arguments to pack
         return names, args
 
     def _enqueue_once(self, queue_name: str, names: list[str], args: list[Any]) -> Any:
