@@ -90,10 +90,13 @@ def test_a_message_for_an_unknown_actor_is_dead_lettered_with_the_reason(redis_c
     assert letter["options"]["traceback"].startswith("ActorNotFound: ")
 
 
-def test_a_closing_consumer_hands_back_what_it_fetched_but_had_not_handed_out(redis_client):
+def test_a_closing_consumer_hands_back_what_it_fetched_but_had_not_handed_out(redis_client, monkeypatch):
     import actors
     from actors import send_callback
     from tests.helpers import queued
+
+    # consume() makes this process a worker (its sends would skip the ledger's pending record): undone at teardown
+    monkeypatch.setattr(actors.broker, "enqueue_waits_for_redis", False)
 
     # Given five messages, and a consumer that fetched all five (prefetch 5) and handed out one
     for _ in range(5):
@@ -207,10 +210,12 @@ def test_an_ack_or_nack_lost_to_a_connection_error_is_retried_until_it_lands(red
         broker.close()
 
 
-def test_a_consumer_refills_its_window_in_batches_not_one_fetch_per_ack(redis_client):
+def test_a_consumer_refills_its_window_in_batches_not_one_fetch_per_ack(redis_client, monkeypatch):
     import actors
     from actors import send_callback
     from tests.helpers import queued
+
+    monkeypatch.setattr(actors.broker, "enqueue_waits_for_redis", False)  # as above: consume() sets it
 
     # Given 20 messages and a consumer with a window of 8 (a worker's 4 threads) that holds all 8, none acked
     for _ in range(20):
@@ -241,3 +246,52 @@ def test_a_consumer_refills_its_window_in_batches_not_one_fetch_per_ack(redis_cl
         assert queued(redis_client, "callbackQueue") == 4
     finally:
         consumer.close()
+
+
+def test_the_enqueue_hooks_run_in_order_for_middleware_added_later_with_dramatiqs_error_contract(
+    redis_client, redis_url, caplog
+):
+    # Given a broker whose enqueue hooks skip the middleware that do not define them
+    import dramatiq
+    import redis
+    from dramatiq import Middleware
+    from dramatiq.middleware import MiddlewareError
+
+    from whiskypay.redis_broker import WhiskyPayRedisBroker
+
+    calls: list[str] = []
+
+    class Noting(Middleware):
+        def __init__(self, name: str, error: Exception | None = None) -> None:
+            self.name, self.error = name, error
+
+        def before_enqueue(self, broker, message, delay):
+            calls.append(f"before {self.name}")
+            if self.error is not None:
+                raise self.error
+
+        def after_enqueue(self, broker, message, delay):
+            calls.append(f"after {self.name}")
+
+    broker = WhiskyPayRedisBroker(client=redis.Redis.from_url(redis_url), namespace=NAMESPACE,
+                                  middleware=[Noting("a"), Middleware()])
+    try:
+        @dramatiq.actor(broker=broker, queue_name="hooksQueue")
+        def job() -> None: ...
+
+        job.send()
+        # When middleware are added after a send, one of them failing with a plain error, then one refusing
+        broker.add_middleware(Noting("b", RuntimeError("a bug")))
+        job.send()
+        assert calls == ["before a", "after a", "before a", "before b", "after b", "after a"]
+        broker.add_middleware(Noting("c", MiddlewareError("refused")))
+        calls.clear()
+        with pytest.raises(MiddlewareError):
+            job.send()
+    finally:
+        broker.close()
+    # Then every hook ran in Dramatiq's order (after hooks reversed), the plain error was logged and ignored,
+    # and the MiddlewareError stopped the send before anything was enqueued or any after hook ran
+    assert calls == ["before a", "before b", "before c"]
+    assert "Unexpected failure in before_enqueue" in caplog.text and "RuntimeError: a bug" in caplog.text
+    assert redis_client.llen(f"{NAMESPACE}:hooksQueue") == 2

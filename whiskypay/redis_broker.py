@@ -55,12 +55,13 @@ from typing import Any
 from uuid import uuid4
 
 import redis
-from dramatiq import Message
+from dramatiq import Message, Middleware
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer, _scripts
 from dramatiq.common import compute_backoff, current_millis, dq_name, q_name
 from dramatiq.errors import DecodeError
 from dramatiq.logging import get_logger
+from dramatiq.middleware import MiddlewareError
 from redis.commands.core import Script
 
 from whiskypay import keys
@@ -327,6 +328,9 @@ class WhiskyPayRedisBroker(RedisBroker):
         self.replica_ack_timeout_ms = replica_ack_timeout_ms
         self.enqueue_waits_for_redis = False
         self._last_maintenance: dict[str, int] = {}
+        #: The middleware list _enqueue_hooks_cache was built from, and the enqueue hooks' middleware it found.
+        self._enqueue_hooks_of: tuple[Middleware, ...] = ()
+        self._enqueue_hooks_cache: tuple[list[Middleware], list[Middleware]] = ([], [])
         #: Per queue name: its list, its messages hash and its wake channel, encoded (see _enqueue_keys_args).
         self._queue_names: dict[str, tuple[bytes, bytes, bytes]] = {}
         self.waker = QueueWaker(self.client, self.namespace)
@@ -384,6 +388,42 @@ class WhiskyPayRedisBroker(RedisBroker):
             return dispatch(args=self._args(command, queue_name, *args), keys=keys)
 
         return do_dispatch
+
+    def _enqueue_hooks(self) -> tuple[list[Middleware], list[Middleware]]:
+        """Return the middleware that define before_enqueue, and (in reverse order) those that define after_enqueue."""
+        if self._enqueue_hooks_of != tuple(self.middleware):
+            self._enqueue_hooks_of = tuple(self.middleware)
+
+            def defines(middleware: Middleware, name: str) -> bool:
+                return name in vars(middleware) or getattr(type(middleware), name) is not getattr(Middleware, name)
+
+            self._enqueue_hooks_cache = (
+                [m for m in self.middleware if defines(m, "before_enqueue")],
+                [m for m in reversed(self.middleware) if defines(m, "after_enqueue")],
+            )
+        return self._enqueue_hooks_cache
+
+    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        # Every send() runs the enqueue hooks; most middleware do not define them (4 of the 20 do), and calling
+        # Middleware's empty ones is about a fifth of what the hooks cost. Same contract as Broker.emit_before.
+        if signal != "enqueue":
+            return super().emit_before(signal, *args, **kwargs)
+        for middleware in self._enqueue_hooks()[0]:
+            try:
+                middleware.before_enqueue(self, *args, **kwargs)
+            except MiddlewareError:
+                raise
+            except Exception:
+                self.logger.critical("Unexpected failure in before_enqueue of %r.", middleware, exc_info=True)
+
+    def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        if signal != "enqueue":
+            return super().emit_after(signal, *args, **kwargs)
+        for middleware in self._enqueue_hooks()[1]:
+            try:
+                middleware.after_enqueue(self, *args, **kwargs)
+            except Exception:
+                self.logger.critical("Unexpected failure in after_enqueue of %r.", middleware, exc_info=True)
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         # Only worker processes consume: from here on this process's enqueues are retries and delayed
