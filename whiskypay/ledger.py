@@ -22,10 +22,11 @@ first record, not from its last attempt), and the time index holds at most WHISK
 payments: a write that adds a payment beyond the cap deletes the oldest ones with all their keys, so a full
 ledger drops its oldest records instead of filling Redis.
 
-All writes run the ledger_write function (LEDGER_FUNCTION_LUA): the `pending` record at `send()` inside the
-enqueue's own script (whiskypay.redis_broker.ENQUEUE_WITH_LEDGER_LUA), and one per attempt after the ack (see
-middleware/ledger.py), sent with the acks of the worker process's Settler (whiskypay.settler.SETTLE_LUA). A
-ledger write that fails is logged by the caller and never fails or repeats a delivery.
+All writes run the ledger_write function (LEDGER_FUNCTION_LUA), except the `pending` record at `send()`: that one
+is LEDGER_PENDING_LUA (the same record, leaner), inside the enqueue's own script
+(whiskypay.redis_broker.ENQUEUE_WITH_LEDGER_LUA). One write per attempt after the ack (see middleware/ledger.py),
+sent with the acks of the worker process's Settler (whiskypay.settler.SETTLE_LUA). A ledger write that fails is
+logged by the caller and never fails or repeats a delivery.
 
 Job states (whiskypay.outcomes): pending, retrying, delivered (emails: sent), failed (dead-lettered),
 parked. An attempt's outcome: delivered, failed (deferrals are not attempts and are not recorded).
