@@ -332,6 +332,12 @@ class Settings(BaseModel):
     #: The port of that /metrics endpoint.
     metrics_port: int = Field(default=9191, gt=0, lt=65536)
 
+    # Logging.
+    #: Send a worker process's log lines to the `dramatiq` master in chunks, at most this often, in milliseconds (0:
+    #: each line at once, as Dramatiq does). It saves about 0.1 ms of master CPU per webhook, but lengthened the tail
+    #: of webhook durations under load (BENCHMARKS.md), so it is off unless set.
+    log_batch_ms: int = Field(default=0, ge=0, le=1000)
+
     # Delivery ledger (whiskypay/ledger.py).
     #: Record every webhook and email attempt, and each job as `pending` at send().
     ledger_enabled: bool = True

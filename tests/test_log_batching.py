@@ -146,10 +146,11 @@ def test_a_process_without_dramatiqs_pipe_keeps_its_logging(worker_logging) -> N
 def test_a_real_worker_logs_every_delivery_and_its_shutdown_whole(
     redis_client, receiver: HttpReceiver, start_workers, worker_env
 ) -> None:
-    # Given a real `dramatiq actors` worker (two processes) and 30 callbacks
+    # Given a real `dramatiq actors` worker (two processes) batching its log lines, and 30 callbacks
     from actors import send_callback
 
-    worker = start_workers("--queues", "callbackQueue", env=worker_env, processes=2, threads=4)
+    worker = start_workers("--queues", "callbackQueue", env={**worker_env, "WHISKYPAY_LOG_BATCH_MS": "25"},
+                           processes=2, threads=4)
     for i in range(30):
         send_callback.send(callback_url=receiver.url("/hook"), email="buyer@example.com", plan="pro", price=1.0,
                            event_id=f"evt_logs_{i}")

@@ -123,9 +123,6 @@ def sentry_release(settings: Settings) -> str | None:
 def build_broker(settings: Settings) -> RedisBroker:
     """Build the RedisBroker every process uses (gateway, workers, scheduler, dashboard, tests)."""
     middleware: list[Middleware] = [
-        # First, so its after_worker_shutdown runs last (after_* hooks run in reverse): the lines the others log while
-        # the worker stops are sent with the rest. Worker processes only (after_process_boot).
-        LogBatching(),
         # Dramatiq's defaults, minus Retries (QueueRetryPolicy below takes its place).
         AgeLimit(),
         TimeLimit(),
@@ -193,6 +190,10 @@ def build_broker(settings: Settings) -> RedisBroker:
         QueueRetryPolicy(policies=settings.retry_policies, retry_after_max_ms=settings.retry_after_max_ms,
                          max_deferral_ms=settings.max_deferral_s * 1000),
     ]
+    if settings.log_batch_ms:
+        # First, so its after_worker_shutdown runs last (after_* hooks run in reverse): the lines the others log while
+        # the worker stops are sent with the rest. Worker processes only (after_process_boot).
+        middleware.insert(0, LogBatching(interval_s=settings.log_batch_ms / 1000))
     if settings.metrics_enabled:
         # Appended last: their after-hooks run first, so DeliveryMetrics counts outcomes in after_ack/after_nack,
         # once QueueRetryPolicy has decided. MetricsExporter (Dramatiq's Prometheus) serves both on metrics_port.

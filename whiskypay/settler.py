@@ -213,9 +213,11 @@ class Settler:
                     self._cond.wait()
                 if not self._has_work():
                     return  # stopping, nothing left
-                if not self._stopping:
-                    # Let the acks and records finishing meanwhile join this round: one call for all of them.
-                    self._cond.wait(self.gather_s)
+                # Let the acks and records finishing meanwhile join this round: one call for all of them. The
+                # whole gather_s, whatever wakes the thread meanwhile (short rounds back to back cost more).
+                gathered = time.monotonic() + self.gather_s
+                while not self._stopping and (left := gathered - time.monotonic()) > 0:
+                    self._cond.wait(left)
                 batch, self._acks = self._acks[:ACK_BATCH_MAX], self._acks[ACK_BATCH_MAX:]
                 self._in_round = True
             try:
