@@ -97,6 +97,8 @@ def test_a_closing_consumer_hands_back_what_it_fetched_but_had_not_handed_out(re
 
     # consume() makes this process a worker (its sends would skip the ledger's pending record): undone at teardown
     monkeypatch.setattr(actors.broker, "enqueue_waits_for_redis", False)
+    # (consume() also starts the process's Settler: kept off here, so later tests' acks on this broker stay direct)
+    monkeypatch.setattr(actors.broker.settler, "start", lambda: None)
 
     # Given five messages, and a consumer that fetched all five (prefetch 5) and handed out one
     for _ in range(5):
@@ -210,12 +212,14 @@ def test_an_ack_or_nack_lost_to_a_connection_error_is_retried_until_it_lands(red
         broker.close()
 
 
-def test_a_consumer_refills_its_window_in_batches_not_one_fetch_per_ack(redis_client, monkeypatch):
+def test_a_consumer_refills_its_window_in_batches_not_one_fetch_per_ack(redis_client, monkeypatch, request):
     import actors
     from actors import send_callback
     from tests.helpers import queued
 
     monkeypatch.setattr(actors.broker, "enqueue_waits_for_redis", False)  # as above: consume() sets it
+    actors.broker.settler.start()  # this test is about acks in a worker process, which go through the Settler
+    request.addfinalizer(actors.broker.settler.stop)
 
     # Given 20 messages and a consumer with a window of 8 (a worker's 4 threads) that holds all 8, none acked
     for _ in range(20):
