@@ -217,24 +217,30 @@ LEDGER_LUA = LEDGER_FUNCTION_LUA + """
 return ledger_write(KEYS, ARGV)
 """
 
-#: Many attempt records in one call (a worker's writer thread). ARGV[1]: the ledger prefix; then three per
-#: record: its payment id, its op, its ids (LedgerOp.args; no message, and no index key beyond the payment's
-#: own four, which are built here from the prefix). Each record runs under pcall: the reply is one entry per
+#: Attempt records in bulk: ledger_records(prefix, args, first, results) runs the records args[first..] (three
+#: each: its payment id, its op, its ids, as LedgerOp.args gives them; no message, and no index key beyond the
+#: payment's own four, which are built here from prefix), each under pcall, appending to results one entry per
 #: record, its ledger_write result or "error: <the error>", so one refused record never loses the others.
-LEDGER_BATCH_LUA = LEDGER_FUNCTION_LUA + """
-local prefix = ARGV[1]
-local results = {}
-for i = 2, #ARGV, 3 do
-    local pid = ARGV[i]
-    local names = {prefix .. "p:" .. pid, prefix .. "a:" .. pid, prefix .. "t", prefix .. "w:" .. pid}
-    local ok, result = pcall(ledger_write, names, {ARGV[i + 1], "", ARGV[i + 2]})
-    if ok then
-        results[#results + 1] = result
-    else
-        results[#results + 1] = "error: " .. tostring(type(result) == "table" and result.err or result)
+LEDGER_RECORDS_LUA = LEDGER_FUNCTION_LUA + """
+local function ledger_records(prefix, args, first, results)
+    for i = first, #args, 3 do
+        local pid = args[i]
+        local names = {prefix .. "p:" .. pid, prefix .. "a:" .. pid, prefix .. "t", prefix .. "w:" .. pid}
+        local ok, result = pcall(ledger_write, names, {args[i + 1], "", args[i + 2]})
+        if ok then
+            results[#results + 1] = result
+        else
+            results[#results + 1] = "error: " .. tostring(type(result) == "table" and result.err or result)
+        end
     end
+    return results
 end
-return results
+"""
+
+#: Many attempt records in one call (`DeliveryLedger.flush`; in a worker they ride with the acks, SETTLE_LUA in
+#: whiskypay/settler.py). ARGV[1]: the ledger prefix; then three per record (see ledger_records).
+LEDGER_BATCH_LUA = LEDGER_RECORDS_LUA + """
+return ledger_records(ARGV[1], ARGV, 2, {})
 """
 
 

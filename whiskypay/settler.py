@@ -35,7 +35,7 @@ from dramatiq.common import current_millis
 from dramatiq.logging import get_logger
 
 from whiskypay import keys
-from whiskypay.ledger import LEDGER_FUNCTION_LUA
+from whiskypay.ledger import LEDGER_RECORDS_LUA
 from whiskypay.redis_errors import LOG_EVERY, MAX_WAIT_S, classify_redis_error, describe
 
 if TYPE_CHECKING:
@@ -58,10 +58,10 @@ FLUSH_TIMEOUT_S = 10.0
 
 #: One round. ARGV[1] the heartbeats zset, ARGV[2] this worker's id, ARGV[3] now (unix ms), ARGV[4] the ledger's
 #: key prefix, ARGV[5] how many ack groups follow; each group: a queue's ack set, its messages hash, the count n,
-#: then n redis message ids; then the ledger records, three ARGV each (payment id, op, ids: see LEDGER_BATCH_LUA).
+#: then n redis message ids; then the ledger records, three ARGV each (see whiskypay.ledger.LEDGER_RECORDS_LUA).
 #: The acks come first: deletions are allowed when Redis is out of memory, and a refused heartbeat or record
 #: (pcall) never fails them. Returns {acked count, one reply per record ("error: ..." for a refused one)}.
-SETTLE_LUA = LEDGER_FUNCTION_LUA + """
+SETTLE_LUA = LEDGER_RECORDS_LUA + """
 local i, acked = 6, 0
 for _ = 1, tonumber(ARGV[5]) do
     local acks, messages, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
@@ -74,18 +74,7 @@ for _ = 1, tonumber(ARGV[5]) do
     i = i + 3 + n
 end
 pcall(redis.call, "zadd", ARGV[1], ARGV[3], ARGV[2])
-local prefix, results = ARGV[4], {acked}
-for k = i, #ARGV, 3 do
-    local pid = ARGV[k]
-    local names = {prefix .. "p:" .. pid, prefix .. "a:" .. pid, prefix .. "t", prefix .. "w:" .. pid}
-    local ok, result = pcall(ledger_write, names, {ARGV[k + 1], "", ARGV[k + 2]})
-    if ok then
-        results[#results + 1] = result
-    else
-        results[#results + 1] = "error: " .. tostring(type(result) == "table" and result.err or result)
-    end
-end
-return results
+return ledger_records(ARGV[4], ARGV, i, {acked})
 """
 
 
