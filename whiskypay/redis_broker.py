@@ -740,8 +740,11 @@ class _WakingConsumer(_RedisConsumer):
             self.settled(message)
         else:
             # The process's Settler sends it with the other acks and ledger records of its next round (see
-            # whiskypay.settler); this message counts in the prefetch window until then.
+            # whiskypay.settler). Its slot in the prefetch window is free at once: held until the round, a window of
+            # two (one thread) stood empty for the 5 ms gather after every message (598 -> 198 msg/s). Acks that wait
+            # cannot pile up: a Redis that refuses them refuses fetches too (or halts this worker: NOPERM).
             broker.settler.ack(self, message)
+            self.settled(message)
 
     def settled(self, message: MessageProxy) -> None:
         """Forget message (acked, nacked or left to a restart): its slot in the prefetch window is free."""

@@ -10,8 +10,8 @@ of SETTLE_LUA.
 
 What that keeps:
 - A message is acked only after its actor and every after-hook ran (the ack is handed over where Dramatiq would
-  send it), and a consumer counts it in its prefetch window until Redis has the ack, so a stalled Redis stops
-  fetching as before.
+  send it). Its prefetch slot is free at once (a window of two, one thread's, would otherwise stand empty through
+  every gather); waiting acks cannot pile up, as a Redis that refuses them refuses fetches too, or halts the worker.
 - Redis errors: a transient one (OOM, READONLY, BUSY, LOADING, a lost connection) is waited out and the round is
   sent again (an ack is idempotent: SREM, then HDEL only if the SREM removed it); a configuration one (NOPERM,
   WRONGTYPE) halts the worker (`WhiskyPayRedisBroker.halt`): its unacked messages stay in its ack set and come back
@@ -242,36 +242,32 @@ class Settler:
         broker = self.broker
         rider = self._rider
         failures = 0
-        try:
-            while True:
-                records = rider.take(RECORD_BATCH_MAX) if rider is not None else []
-                if not batch and not records:
-                    return True
-                try:
-                    replies = self.script(args=self._args(batch, records))
-                except (redis.RedisError, OSError) as exc:
-                    if rider is not None and records:
-                        rider.refused(records, exc)
-                    if classify_redis_error(exc) != "transient":
-                        if batch:
-                            # The messages stay in this worker's ack set: redelivered after a restart.
-                            broker.halt(exc, what=f"acknowledging {len(batch)} message(s)")
-                        return True
-                    failures += 1
-                    if failures == 1 or failures % LOG_EVERY == 0:
-                        self.logger.warning("Redis refused acknowledging %d message(s) (%s); retrying until it "
-                                            "accepts them.", len(batch), describe(exc))
-                    wait = min(0.05 * 2 ** min(failures, 10), MAX_WAIT_S)
-                    if deadline is not None and time.monotonic() + wait > deadline:
-                        return False
-                    self.sleep(wait)
-                    continue
-                if failures:
-                    self.logger.info("Redis accepted acknowledging %d message(s) after %d refusal(s).", len(batch),
-                                     failures)
-                if rider is not None and records:
-                    rider.settled(records, [keys.text(r) if isinstance(r, bytes) else r for r in replies[1:]])
+        while True:
+            records = rider.take(RECORD_BATCH_MAX) if rider is not None else []
+            if not batch and not records:
                 return True
-        finally:
-            for consumer, message in batch:
-                consumer.settled(message)
+            try:
+                replies = self.script(args=self._args(batch, records))
+            except (redis.RedisError, OSError) as exc:
+                if rider is not None and records:
+                    rider.refused(records, exc)
+                if classify_redis_error(exc) != "transient":
+                    if batch:
+                        # The messages stay in this worker's ack set: redelivered after a restart.
+                        broker.halt(exc, what=f"acknowledging {len(batch)} message(s)")
+                    return True
+                failures += 1
+                if failures == 1 or failures % LOG_EVERY == 0:
+                    self.logger.warning("Redis refused acknowledging %d message(s) (%s); retrying until it "
+                                        "accepts them.", len(batch), describe(exc))
+                wait = min(0.05 * 2 ** min(failures, 10), MAX_WAIT_S)
+                if deadline is not None and time.monotonic() + wait > deadline:
+                    return False
+                self.sleep(wait)
+                continue
+            if failures:
+                self.logger.info("Redis accepted acknowledging %d message(s) after %d refusal(s).", len(batch),
+                                 failures)
+            if rider is not None and records:
+                rider.settled(records, [keys.text(r) if isinstance(r, bytes) else r for r in replies[1:]])
+            return True
